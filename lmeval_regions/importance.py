@@ -1,0 +1,263 @@
+"""Per-parameter importance |θ ⊙ ∇L| accumulated over a corpus, without updating the model.
+
+Two modes (paper 1, Eq. 4 and its released code):
+
+``abs_sum``  I = Σ_b |θ_b ⊙ g_b|   (Eq. 4 summed over batches; the default)
+``sum_abs``  I = |Σ_b θ_b ⊙ g_b|   (the released code: gradients summed over all batches,
+                                    absolute value taken once at the end; with θ fixed this is
+                                    |θ ⊙ Σ_b g_b|)
+
+One accumulator serves both: it adds |θ⊙g| or θ⊙g per batch into fp32 buffers and takes the
+absolute value at :meth:`ImportanceAccumulator.result`. The Trainer callback
+(``trainer_ext``) uses the same accumulator on each optimizer step's gradients.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Literal, Mapping
+
+import torch
+from torch import nn
+
+from .architecture import block_parameters
+from .artefacts import check_fingerprint, load_artefact, model_fingerprint, save_artefact
+from .errors import ArtefactError, RegionsError
+
+Mode = Literal["abs_sum", "sum_abs"]
+MODES = ("abs_sum", "sum_abs")
+KIND = "importance"
+
+
+@dataclass
+class ImportanceConfig:
+    """What to accumulate and over which parameters."""
+
+    mode: Mode = "abs_sum"
+    """``abs_sum`` (Σ|θ·g|, paper Eq. 4) or ``sum_abs`` (|Σθ·g|, the released code)."""
+    include: tuple[str, ...] | None = None
+    """Glob patterns of parameter names (``re:`` for regex); None = 2-D weights in blocks."""
+    include_norms: bool = False
+    """Also score 1-D norm weights inside blocks (paper 1's code kept them)."""
+    dtype: str = "float32"
+    """Accumulator dtype: ``float32`` (default) or ``bfloat16`` (stochastic rounding, 7B scale)."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise RegionsError(f"importance mode '{self.mode}' is not one of {MODES}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise RegionsError(f"accumulator dtype '{self.dtype}' is not 'float32' or 'bfloat16'")
+        if self.include is not None:
+            self.include = tuple(self.include)
+
+
+@dataclass
+class Importance:
+    """Importance scores ``name -> tensor`` (shape of the parameter) with their provenance."""
+
+    scores: dict[str, torch.Tensor]
+    mode: str
+    model: dict[str, Any]
+    """Model fingerprint (see :func:`artefacts.model_fingerprint`)."""
+    languages: list[str] = field(default_factory=list)
+    n_sequences: int = 0
+    n_tokens: int = 0
+    n_skipped: int = 0
+    """Batches skipped because a gradient was not finite."""
+    sources: list[dict[str, Any]] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def meta(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode, "model": self.model, "languages": self.languages,
+            "n_sequences": self.n_sequences, "n_tokens": self.n_tokens,
+            "n_skipped": self.n_skipped, "sources": self.sources, **self.extra,
+        }
+
+    def save(self, path: str | os.PathLike) -> None:
+        save_artefact(path, self.scores, KIND, self.meta())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model: nn.Module | None = None) -> "Importance":
+        """Load an importance artefact; with ``model``, check it was made for that model."""
+        tensors, doc = load_artefact(path, KIND)
+        if model is not None:
+            check_fingerprint(doc["model"], model, what=f"importance file '{path}'", names=list(tensors))
+        known = {"mode", "model", "languages", "n_sequences", "n_tokens", "n_skipped", "sources"}
+        return cls(
+            scores=tensors, mode=doc["mode"], model=doc["model"],
+            languages=doc.get("languages", []), n_sequences=doc.get("n_sequences", 0),
+            n_tokens=doc.get("n_tokens", 0), n_skipped=doc.get("n_skipped", 0),
+            sources=doc.get("sources", []),
+            extra={k: v for k, v in doc.items() if k not in known | {"kind", "library_version"}},
+        )
+
+    @property
+    def shapes(self) -> dict[str, list[int]]:
+        return {n: list(t.shape) for n, t in self.scores.items()}
+
+
+def combine(parts: Iterable[Importance]) -> Importance:
+    """Sum of per-language importances: paper 1's core-region score (Σ_l I_l, per entry)."""
+    parts = list(parts)
+    if not parts:
+        raise RegionsError("combine() needs at least one importance")
+    first = parts[0]
+    for p in parts[1:]:
+        if p.model["sha256"] != first.model["sha256"]:
+            raise ArtefactError("cannot combine importances computed on different models")
+        if set(p.scores) != set(first.scores):
+            diff = sorted(set(p.scores) ^ set(first.scores))
+            raise ArtefactError(f"cannot combine importances over different parameters: {diff[:3]}")
+        if p.mode != first.mode:
+            raise ArtefactError(f"cannot combine importance modes '{first.mode}' and '{p.mode}'")
+    scores = {n: sum((p.scores[n].float() for p in parts[1:]), first.scores[n].float().clone())
+              for n in first.scores}
+    return Importance(
+        scores=scores, mode=first.mode, model=first.model,
+        languages=[l for p in parts for l in p.languages],
+        n_sequences=sum(p.n_sequences for p in parts), n_tokens=sum(p.n_tokens for p in parts),
+        n_skipped=sum(p.n_skipped for p in parts),
+        sources=[s for p in parts for s in p.sources],
+        extra={"combined_from": [p.languages for p in parts]},
+    )
+
+
+def _add_stochastic_bf16(acc: torch.Tensor, x: torch.Tensor, gen: torch.Generator | None) -> None:
+    """acc(bf16) += x(fp32) with stochastic rounding: unbiased, error O(2^-8) relative per add."""
+    s = acc.float().add_(x)
+    bits = s.view(torch.int32)
+    noise = torch.randint(0, 1 << 16, s.shape, dtype=torch.int32, device=s.device, generator=gen)
+    bits.add_(noise).bitwise_and_(-65536)  # add random low bits, then truncate to bf16
+    acc.copy_(s)
+
+
+class ImportanceAccumulator:
+    """Adds θ⊙g (or |θ⊙g|) of the current gradients into per-parameter buffers.
+
+    Call :meth:`accumulate` after each backward pass (or optimizer step's gradients). A batch
+    whose gradients contain a non-finite value anywhere is skipped whole and counted.
+    Memory: one buffer per included parameter (4 bytes per entry in fp32, 2 in bf16) and one
+    parameter-sized temporary at a time.
+    """
+
+    def __init__(
+        self, params: Mapping[str, nn.Parameter], mode: Mode = "abs_sum", dtype: str = "float32",
+        seed: int = 0,
+    ):
+        if mode not in MODES:
+            raise RegionsError(f"importance mode '{mode}' is not one of {MODES}")
+        self.params = dict(params)
+        self.mode = mode
+        self.dtype = getattr(torch, dtype)
+        self.buffers = {
+            n: torch.zeros(p.shape, dtype=self.dtype, device=p.device) for n, p in self.params.items()
+        }
+        self.n_batches = 0
+        self.n_skipped = 0
+        self._gen = None
+        if self.dtype == torch.bfloat16:
+            self._gen = torch.Generator(device=next(iter(self.params.values())).device).manual_seed(seed)
+
+    def grads_finite(self) -> bool:
+        grads = [p.grad for p in self.params.values() if p.grad is not None]
+        if not grads:
+            return True
+        # One fused reduction instead of a host sync per parameter.
+        norms = torch._foreach_norm(grads, ord=math.inf)
+        return bool(torch.isfinite(torch.stack([n.float() for n in norms])).all())
+
+    @torch.no_grad()
+    def accumulate(self, check_finite: bool = True) -> bool:
+        """Add this batch's contribution; False (and counted) when skipped as non-finite."""
+        if check_finite and not self.grads_finite():
+            self.n_skipped += 1
+            return False
+        for name, p in self.params.items():
+            g = p.grad
+            if g is None:
+                continue
+            prod = torch.mul(p.detach(), g)
+            if prod.dtype != torch.float32:
+                prod = prod.float()
+            if self.mode == "abs_sum":
+                prod.abs_()
+            buf = self.buffers[name]
+            if buf.dtype == torch.float32:
+                buf.add_(prod)
+            else:
+                _add_stochastic_bf16(buf, prod, self._gen)
+        self.n_batches += 1
+        return True
+
+    def result(self) -> dict[str, torch.Tensor]:
+        """The scores: fp32 tensors, absolute values (``sum_abs`` takes |·| here)."""
+        return {n: b.float().abs() for n, b in self.buffers.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"buffers": self.buffers, "n_batches": self.n_batches, "n_skipped": self.n_skipped,
+                "mode": self.mode}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state["mode"] != self.mode:
+            raise RegionsError(f"saved accumulator mode '{state['mode']}' != '{self.mode}'")
+        for n, b in state["buffers"].items():
+            if n not in self.buffers:
+                raise RegionsError(f"saved accumulator has unknown parameter '{n}'")
+            self.buffers[n].copy_(b)
+        self.n_batches, self.n_skipped = int(state["n_batches"]), int(state["n_skipped"])
+
+
+def compute_importance(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    config: ImportanceConfig | None = None,
+    languages: list[str] | None = None,
+    sources: list[dict[str, Any]] | None = None,
+    progress: bool = True,
+) -> Importance:
+    """Accumulate importance over ``batches`` (dicts with ``input_ids``, ``attention_mask``,
+    ``labels``; labels -100 are ignored) without changing any weight.
+
+    Each batch's loss is the model's mean token cross-entropy; its gradient is taken once per
+    batch. Only included parameters get gradients (others are frozen for the duration), which
+    keeps memory to the accumulators plus the included parameters' gradients.
+    """
+    from tqdm.auto import tqdm
+
+    config = config or ImportanceConfig()
+    params = block_parameters(model, config.include, config.include_norms)
+    acc = ImportanceAccumulator(params, config.mode, config.dtype)
+    was_training = model.training
+    saved_flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    include_ids = {id(p) for p in params.values()}
+    n_seq = n_tok = 0
+    model.eval()  # no dropout: importance of the model as it is
+    try:
+        for p in model.parameters():
+            p.requires_grad_(id(p) in include_ids)
+        device = next(iter(params.values())).device
+        for batch in tqdm(batches, desc="importance", unit="batch", disable=not progress):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            out = model(**batch)
+            out.loss.backward()
+            acc.accumulate()
+            for p in params.values():
+                p.grad = None
+            n_seq += int(batch["input_ids"].shape[0])
+            labels = batch.get("labels", batch["input_ids"])
+            n_tok += int((labels[:, 1:] != -100).sum())
+    finally:
+        for n, p in model.named_parameters():
+            p.requires_grad_(saved_flags[n])
+            p.grad = None
+        model.train(was_training)
+    return Importance(
+        scores=acc.result(), mode=config.mode, model=model_fingerprint(model),
+        languages=list(languages or []), n_sequences=n_seq, n_tokens=n_tok,
+        n_skipped=acc.n_skipped, sources=list(sources or []),
+        extra={"include": list(config.include) if config.include else "blocks-2d",
+               "include_norms": config.include_norms, "accumulator_dtype": config.dtype},
+    )

@@ -1,0 +1,89 @@
+"""Shared fixtures: tiny models built from configs (unit tier) and the real PyPI models
+(slow tier, loaded once per session)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may come from the hub in tests
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def tiny_config(arch: str):
+    from transformers import BloomConfig, Gemma3TextConfig, LlamaConfig
+
+    if arch == "llama":
+        return LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           max_position_embeddings=128, tie_word_embeddings=False)
+    if arch == "gemma3":
+        return Gemma3TextConfig(vocab_size=128, hidden_size=32, intermediate_size=64,
+                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                head_dim=8, max_position_embeddings=128, sliding_window=16,
+                                layer_types=["sliding_attention", "full_attention"])
+    if arch == "bloom":
+        return BloomConfig(vocab_size=128, hidden_size=32, n_layer=2, n_head=4)
+    raise ValueError(arch)
+
+
+def tiny_model(arch: str, seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch))
+    # Random-init norms are all ones; perturb everything a little so no two entries tie.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model.eval()
+
+
+ARCHS = ["llama", "gemma3", "bloom"]
+
+
+@pytest.fixture(params=ARCHS)
+def arch(request):
+    return request.param
+
+
+@pytest.fixture
+def model(arch):
+    return tiny_model(arch)
+
+
+def random_batches(n: int = 3, batch: int = 2, seq: int = 12, vocab: int = 128, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, vocab, (batch, seq), generator=g)
+        mask = torch.ones_like(ids)
+        mask[0, -3:] = 0  # some padding
+        labels = ids.clone()
+        labels[mask == 0] = -100
+        out.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    return out
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not (SHARED_DATA / "udhr_parallel_31.jsonl").exists():
+        pytest.fail(f"shared data not found at {SHARED_DATA}: CI must run with ../shared beside "
+                    "the checkout")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def gemma():
+    """Gemma-3-270M from PyPI, converted once (cached) and loaded once per session."""
+    from lmeval_regions.models import load_model
+
+    return load_model("gemma-3-270m")
