@@ -54,7 +54,12 @@ def check_fingerprint(
     """
     have = {n: list(p.shape) for n, p in model.named_parameters()}
     want = expected["params"]
-    for name in names if names is not None else want:
+    # "First" in the loaded model's parameter order (files store names sorted, so layer 10
+    # would otherwise come before layer 2); names the model lacks come after.
+    order = {n: i for i, n in enumerate(have)}
+    names = list(names if names is not None else want)
+    names.sort(key=lambda n: order.get(n, len(order)))
+    for name in names:
         if name not in want:
             raise ModelMismatchError(f"{what} holds '{name}', which its own fingerprint lacks")
         if name not in have:
@@ -86,6 +91,10 @@ class _AtomicPath:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
         os.close(fd)
+        # mkstemp makes the file private (0600); give it the permissions a plain open() would
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         self.tmp = Path(tmp)
         return self.tmp
 

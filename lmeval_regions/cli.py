@@ -18,6 +18,11 @@ from .errors import RegionsError
 # module (relative to lmeval_regions) -> its subcommands are registered by module.register()
 COMMANDS = [
     "commands_core",     # model-path, importance, extract, setop, stats, monolingual, apply
+    "commands_eval",     # table
+    "commands_dims",     # dims-report, dims, outliers, plot-region
+    "commands_data",     # fetch-udhr, tasks-path
+    "commands_neurons",  # activations, neurons, neuron-sweep (paper 2)
+    "commands_demo",     # demo (paper 1 end to end)
 ]
 
 

@@ -168,6 +168,10 @@ def _seed_for(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
 
 
+_SORT_LIMIT = 1 << 20
+"""Up to this many entries per-matrix/row selection sorts; above, it radix-selects."""
+
+
 def _select_flat(x: torch.Tensor, k: int, method: str, gen_seed: int) -> torch.Tensor:
     """Flat indices of ``k`` entries of the 1-D tensor ``x`` by ``method`` (sorted).
 
@@ -176,17 +180,18 @@ def _select_flat(x: torch.Tensor, k: int, method: str, gen_seed: int) -> torch.T
     n = x.numel()
     if method == "random":
         g = torch.Generator().manual_seed(gen_seed)
-        idx = torch.randperm(n, generator=g)[:k]
-    elif method == "top":
-        idx = torch.sort(x, descending=True, stable=True).indices[:k]
-    elif method == "bottom":
-        idx = torch.sort(x, stable=True).indices[:k]
-    elif method == "middle":
-        start = (n - k) // 2
-        idx = torch.sort(x, stable=True).indices[start:start + k]
-    else:
+        return torch.sort(torch.randperm(n, generator=g)[:k]).values
+    if method not in METHODS:
         raise RegionsError(f"selection method '{method}' is not one of {METHODS}")
-    return torch.sort(idx).values
+    from .selection_global import select_window, window
+
+    lo, descending = window(method, n, k)
+    if n <= _SORT_LIMIT:  # small (rows, small matrices): one stable sort is fastest
+        order = torch.sort(x, descending=descending, stable=True).indices[lo:lo + k]
+        return torch.sort(order).values
+    # Large: radix select in chunks, the same ranks as a stable sort in bounded memory
+    # (a 45M-entry matrix at 7B scale would need ~1 GB to sort).
+    return select_window(lambda _: x, ["x"], {"x": n}, lo, k, descending, {"x": x.dtype})["x"]
 
 
 def select(
@@ -230,7 +235,9 @@ def select(
         for n in names:
             x = scores[n]
             shapes[n] = list(x.shape)
-            flat = x.detach().reshape(-1).float()
+            flat = x.detach().reshape(-1)
+            if flat.dtype not in (torch.float32, torch.bfloat16):  # bf16 is ranked as stored
+                flat = flat.float()
             if scope == "matrix":
                 idx = _select_flat(flat, n_select(flat.numel(), ratio), method, _seed_for(seed, n))
             else:
@@ -277,6 +284,8 @@ def _parse_index(text: str, shape: list[int], spec: str) -> torch.Tensor:
                     raise RegionsError(f"entry spec '{spec}': index {i} is out of range for a "
                                        f"dimension of size {size} (shape {shape})")
                 key.append(slice(i % size, i % size + 1))
+        except RegionsError:  # a ValueError too: keep the out-of-range message
+            raise
         except ValueError:
             raise RegionsError(f"entry spec '{spec}': '{p}' is not an integer or a slice "
                                f"like '3', ':', '2:10'") from None

@@ -117,3 +117,45 @@ def tiny_lm_dir(tmp_path_factory, smollm_tokenizer) -> Path:
     model.save_pretrained(out)
     smollm_tokenizer.save_pretrained(out)
     return out
+
+
+# ---- real-model core importance (issue 2), shared by slow tests --------------------------
+CORE_LANGS = ["ar", "es", "ru", "zh", "ko", "vi"]  # paper 1's six further-pre-training languages
+CORE_UNITS = 25          # first 25 UDHR units per language; 25..49 are held out
+CORE_MAX_LENGTH = 256
+CORE_BATCH = 4
+
+
+@pytest.fixture(scope="session")
+def gemma_core_importance(gemma, shared_data) -> Path:
+    """Path of Gemma-3-270M's core importance (abs_sum; Σ over ar/es/ru/zh/ko/vi of each
+    language's importance over its first 25 UDHR units), computed once and cached under
+    ``$LMEVAL_REGIONS_CACHE/importance`` keyed by model fingerprint and settings."""
+    import hashlib
+    import json
+
+    from lmeval_regions.artefacts import file_digest, model_fingerprint
+    from lmeval_regions.corpora import batches, load_parallel
+    from lmeval_regions.importance import Importance, ImportanceConfig, combine, compute_importance
+    from lmeval_regions.models import cache_dir
+
+    model, tok = gemma
+    udhr = shared_data / "udhr_parallel_31.jsonl"
+    settings = {"model": model_fingerprint(model)["sha256"], "data": file_digest(udhr),
+                "langs": CORE_LANGS, "units": CORE_UNITS, "max_length": CORE_MAX_LENGTH,
+                "batch": CORE_BATCH, "mode": "abs_sum"}
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    path = cache_dir() / "importance" / f"gemma-3-270m-core-{key}.safetensors"
+    if path.exists():
+        return path
+    data = load_parallel(udhr, CORE_LANGS)
+    parts = []
+    for lang in CORE_LANGS:
+        texts = [u["text"] for u in data[lang][:CORE_UNITS]]
+        parts.append(compute_importance(
+            model, list(batches(tok, texts, CORE_BATCH, CORE_MAX_LENGTH)),
+            ImportanceConfig(mode="abs_sum"), languages=[lang],
+            sources=[{"file": udhr.name, "sha256": settings["data"], "lang": lang,
+                      "units": [0, CORE_UNITS]}], progress=False))
+    combine(parts).save(path)
+    return path

@@ -1,0 +1,158 @@
+"""Top-3% selection over a synthetic importance artefact shaped like LLaMA-2-7B's block weights.
+
+32 layers x (q, k, v, o: 4096x4096; gate, up: 11008x4096; down: 4096x11008) = 6.48 B entries,
+stored bf16 (~13 GB), written tensor by tensor (:func:`lmeval_regions.streaming.write_safetensors`).
+Each measurement runs in a fresh subprocess and reports its wall time and peak RSS
+(``ru_maxrss``); selections are timed against plain sequential reads of the same file.
+
+    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/bench_select.py            # full 7B shape
+    OMP_NUM_THREADS=1 python benchmarks/bench_select.py --layers 2            # scaled down
+
+Writes ``benchmarks/results/bench_select[_L<layers>].json``; deletes the artefact afterwards
+unless ``--keep``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HIDDEN, INTER = 4096, 11008
+MATRICES = {  # LLaMA-2-7B block weights: name -> shape
+    "self_attn.q_proj.weight": [HIDDEN, HIDDEN], "self_attn.k_proj.weight": [HIDDEN, HIDDEN],
+    "self_attn.v_proj.weight": [HIDDEN, HIDDEN], "self_attn.o_proj.weight": [HIDDEN, HIDDEN],
+    "mlp.gate_proj.weight": [INTER, HIDDEN], "mlp.up_proj.weight": [INTER, HIDDEN],
+    "mlp.down_proj.weight": [HIDDEN, INTER],
+}
+
+
+def layout(n_layers: int) -> dict[str, tuple[torch.dtype, list[int]]]:
+    return {f"model.layers.{i}.{m}": (torch.bfloat16, s)
+            for i in range(n_layers) for m, s in MATRICES.items()}
+
+
+def generate(path: Path, n_layers: int, seed: int = 0) -> dict:
+    """Positive scores, log-uniform over 2^-31..2^17 (random bf16 bit patterns: cheap to make
+    at 6.5 B entries), one piece in memory at a time."""
+    from lmeval_regions.artefacts import model_fingerprint
+    from lmeval_regions.streaming import write_safetensors
+
+    lay = layout(n_layers)
+    g = torch.Generator().manual_seed(seed)
+
+    def produce(name):
+        _, shape = lay[name]
+        rows_per = max(1, (1 << 24) // shape[1])  # ~16M entries per piece
+        for r in range(0, shape[0], rows_per):
+            bits = torch.randint(0x3000, 0x4880, (min(rows_per, shape[0] - r), shape[1]),
+                                 dtype=torch.int16, generator=g)
+            yield bits.view(torch.bfloat16)
+
+    fp = model_fingerprint({n: s for n, (_, s) in lay.items()})
+    t = time.perf_counter()
+    write_safetensors(path, lay, produce, {"mode": "abs_sum", "model": fp, "synthetic": True},
+                      kind="importance")
+    return {"seconds": time.perf_counter() - t, "bytes": path.stat().st_size,
+            "entries": sum(torch.Size(s).numel() for _, s in lay.values())}
+
+
+def measure(what: str, path: str, ratio: float) -> dict:
+    """One measurement, in this (fresh) process."""
+    from lmeval_regions.streaming import LazyScores, select_file
+
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    cpu0 = ru.ru_utime + ru.ru_stime
+    t = time.perf_counter()
+    out: dict = {}
+    if what == "read_raw":  # plain sequential read of the file's bytes
+        buf = bytearray(64 << 20)
+        n = 0
+        with open(path, "rb", buffering=0) as f:
+            while (m := f.readinto(buf)):
+                n += m
+        out["bytes"] = n
+    elif what == "read_tensors":  # every tensor once through LazyScores
+        scores = LazyScores(path)
+        out["checksum"] = sum(float(scores[n].view(-1)[::2048].float().sum()) for n in scores)  # touch the data
+    else:
+        region = select_file(path, "top", ratio, scope=what)
+        out["selected"] = region.numel()
+        out["per_matrix_min"] = min(region.counts().values())
+    out["seconds"] = time.perf_counter() - t
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    out["cpu_seconds"] = ru.ru_utime + ru.ru_stime - cpu0  # less sensitive to a busy machine
+    out["peak_rss_mb"] = ru.ru_maxrss / 1024
+    return out
+
+
+def run_child(what: str, path: Path, ratio: float) -> dict:
+    r = subprocess.run([sys.executable, __file__, "--measure", what, "--file", str(path),
+                        "--ratio", str(ratio)], capture_output=True, text=True)
+    if r.returncode:
+        raise SystemExit(f"measurement '{what}' failed:\n{r.stderr}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=32, help="decoder layers (32 = LLaMA-2-7B)")
+    ap.add_argument("--ratio", type=float, default=0.03)
+    ap.add_argument("--dir", default="/tmp/lmeval_bench", help="where the artefact is written")
+    ap.add_argument("--out", default=None, help="JSON report path")
+    ap.add_argument("--keep", action="store_true", help="keep the artefact")
+    ap.add_argument("--rss-limit-mb", type=float, default=2048)
+    ap.add_argument("--only", nargs="+", choices=["matrix", "global"], default=["matrix", "global"],
+                    help="which selections to measure")
+    ap.add_argument("--measure", help=argparse.SUPPRESS)
+    ap.add_argument("--file", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.measure:
+        print(json.dumps(measure(args.measure, args.file, args.ratio)))
+        return
+
+    from lmeval_regions.artefacts import write_text_atomic
+
+    path = Path(args.dir) / f"importance_llama2_7b_L{args.layers}.safetensors"
+    report: dict = {"shape": "LLaMA-2-7B block weights", "layers": args.layers,
+                    "ratio": args.ratio, "rss_limit_mb": args.rss_limit_mb,
+                    "threads": torch.get_num_threads(), "file": str(path)}
+    try:
+        report["generate"] = generate(path, args.layers)
+        print("generated", report["generate"], flush=True)
+        # The first read warms the page cache as far as memory allows; later ones are comparable.
+        for what in ("read_raw", "read_raw", "read_tensors", *args.only):
+            key = what if what not in report else what + "_warm"
+            if what == "read_raw" and "read_raw" in report:
+                report["read_raw_cold"] = report.pop("read_raw")
+                key = "read_raw"
+            report[key] = run_child(what, path, args.ratio)
+            print(key, report[key], flush=True)
+    finally:
+        if not args.keep:
+            path.unlink(missing_ok=True)
+    base = report["read_raw"]["seconds"]
+    report["time_vs_sequential_read"] = {w: report[w]["seconds"] / base
+                                         for w in ("read_tensors", *args.only)}
+    cpu_base = max(report["read_raw"]["cpu_seconds"], 1e-9)
+    report["cpu_time_vs_sequential_read"] = {w: report[w]["cpu_seconds"] / cpu_base
+                                             for w in ("read_tensors", *args.only)}
+    report["ns_per_entry"] = {w: report[w]["seconds"] / report["generate"]["entries"] * 1e9
+                              for w in ("read_raw", *args.only)}
+    report["peak_rss_ok"] = all(report[w]["peak_rss_mb"] <= args.rss_limit_mb
+                                for w in args.only)
+    out = Path(args.out or Path(__file__).parent / "results" /
+               ("bench_select.json" if args.layers == 32 else f"bench_select_L{args.layers}.json"))
+    write_text_atomic(out, json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

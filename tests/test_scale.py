@@ -1,0 +1,252 @@
+"""Scale: bounded-memory selection, 16-bit accumulation, FSDP2 shards + merge."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from lmeval_regions import regions, selection_global
+from lmeval_regions.errors import ArtefactError
+from lmeval_regions.importance import (Importance, ImportanceAccumulator, ImportanceConfig,
+                                       _add_stochastic_bf16, compute_importance)
+from lmeval_regions.shards import merge_shards, save_shard, shard_path, shard_paths
+from lmeval_regions.streaming import LazyScores, select_file, write_safetensors
+
+
+def _brute(scores, names, method, ratio):
+    """Ranks by a stable sort of all entries concatenated (ties: parameter order, index)."""
+    flat = torch.cat([scores[n].reshape(-1).float() for n in names])
+    k = regions.n_select(flat.numel(), ratio)
+    if method == "top":
+        idx = torch.sort(flat, descending=True, stable=True).indices[:k]
+    else:
+        start = 0 if method == "bottom" else (flat.numel() - k) // 2
+        idx = torch.sort(flat, stable=True).indices[start:start + k]
+    return sorted(idx.tolist())
+
+
+def _flat(region, scores, names):
+    out, off = [], 0
+    for n in names:
+        if n in region.indices:
+            out += [int(i) + off for i in region.indices[n]]
+        off += scores[n].numel()
+    return sorted(out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk", [5, 64])
+def test_radix_selection_equals_stable_sort(monkeypatch, dtype, chunk):
+    # Small chunks make every tensor span several chunks; few distinct values make many ties
+    # (broken by position), signs and -0.0 exercise the key mapping.
+    monkeypatch.setattr(selection_global, "CHUNK", chunk)
+    monkeypatch.setattr(regions, "_SORT_LIMIT", 0)  # per-matrix through the radix path too
+    g = torch.Generator().manual_seed(1)
+    scores = {
+        "a": torch.randn(7, 9, generator=g).to(dtype),
+        "b": torch.randint(0, 3, (5, 11), generator=g).to(dtype),
+        "c": (torch.randn(13, generator=g).abs() * 1e-3).to(dtype),
+    }
+    scores["a"][0, 0] = -0.0
+    scores["b"][1, 1] = 0.0
+    names = list(scores)
+    for method in ("top", "bottom", "middle"):
+        for ratio in (0.01, 0.2, 0.5, 1.0):
+            r = regions.select(scores, method, ratio, scope="global")
+            assert _flat(r, scores, names) == _brute(scores, names, method, ratio), (method, ratio)
+            m = regions.select(scores, method, ratio, scope="matrix")
+            for n in names:
+                assert m.indices[n].tolist() == _brute(scores, [n], method, ratio), (method, n)
+
+
+def _tiny_importance(tmp_path, dtype=torch.float32):
+    model = tiny_model("llama")
+    from conftest import random_batches
+
+    imp = compute_importance(model, random_batches(3), progress=False)
+    imp.scores = {n: t.to(dtype) for n, t in imp.scores.items()}
+    path = tmp_path / "imp.safetensors"
+    imp.save(path)
+    return imp, path
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lazy_scores_selection_equals_in_memory(tmp_path, monkeypatch, dtype):
+    monkeypatch.setattr(selection_global, "CHUNK", 100)
+    monkeypatch.setattr(regions, "_SORT_LIMIT", 0)
+    imp, path = _tiny_importance(tmp_path, dtype)
+    lazy = LazyScores(path)
+    loaded = Importance.load(path).scores
+    assert list(lazy) == list(loaded) and lazy.shapes == {n: list(t.shape) for n, t in loaded.items()}
+    assert all(lazy.dtypes[n] == dtype for n in lazy)
+    for scope in ("matrix", "global", "row"):
+        for method in ("top", "bottom", "middle", "random"):
+            a = regions.select(lazy, method, 0.03, scope=scope, seed=3)
+            b = regions.select(loaded, method, 0.03, scope=scope, seed=3)
+            assert a.counts() == b.counts()
+            assert all(torch.equal(a.indices[n], b.indices[n]) for n in a.indices), (scope, method)
+    r = select_file(path, "top", 0.03, scope="global")
+    assert r.model == imp.model and r.spec["source"]["mode"] == "abs_sum"
+    with pytest.raises(ArtefactError, match="region"):
+        LazyScores(path, kind="region")
+
+
+def test_random_global_large_is_uniform_and_exact_size(monkeypatch):
+    # Above the permutation limit the per-parameter counts come from the hypergeometric law.
+    monkeypatch.setattr(selection_global, "_RANDOM_PERM_LIMIT", 10)
+    scores = {"a": torch.zeros(300, 100), "b": torch.zeros(100, 100)}
+    r = regions.select(scores, "random", 0.1, scope="global", seed=5)
+    assert r.numel() == 4000
+    assert abs(r.counts()["a"] - 3000) < 150  # mean 3000, sd ~ 24
+    r2 = regions.select(scores, "random", 0.1, scope="global", seed=5)
+    assert all(torch.equal(r.indices[n], r2.indices[n]) for n in r.indices)
+    assert all(torch.equal(i, torch.unique(i)) for i in r.indices.values())
+
+
+def test_write_safetensors_streams_pieces(tmp_path):
+    from lmeval_regions.artefacts import load_artefact
+
+    lay = {"x": (torch.bfloat16, [4, 3]), "y": (torch.float32, [5])}
+    x = torch.randn(4, 3).bfloat16()
+    y = torch.arange(5.0)
+    p = write_safetensors(tmp_path / "f.safetensors", lay,
+                          lambda n: (x[i:i + 1] for i in range(4)) if n == "x" else y,
+                          {"mode": "abs_sum"}, kind="importance")
+    t, doc = load_artefact(p, "importance")
+    assert torch.equal(t["x"], x) and torch.equal(t["y"], y) and doc["mode"] == "abs_sum"
+    with pytest.raises(ValueError, match="bytes"):
+        write_safetensors(tmp_path / "g.safetensors", {"y": (torch.float32, [6])}, lambda n: y)
+    assert not (tmp_path / "g.safetensors").exists()
+
+
+# ---- 16-bit accumulation -----------------------------------------------------------------
+
+def test_stochastic_rounding_is_unbiased_and_within_bound():
+    # 1.0 + 400 x 1e-3: every addend is below half a bf16 spacing of the sum (2^-8 at 1.0), so
+    # round-to-nearest never moves; SR must land on 1.4 on average, within the documented bound.
+    n, m, x = 400, 8192, 1e-3
+    acc = torch.ones(m, dtype=torch.bfloat16)
+    rtn = torch.ones(m, dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(n):
+        _add_stochastic_bf16(acc, torch.full((m,), x), g)
+        rtn = (rtn.float() + x).bfloat16()
+    exact = 1.0 + n * x
+    assert torch.all(rtn == 1.0)  # round-to-nearest stalls
+    bound = 2 ** -8 * math.sqrt(sum((1.0 + i * x) ** 2 for i in range(1, n + 1)))
+    err = acc.float() - exact
+    assert abs(float(err.mean())) < 4 * bound / math.sqrt(m)  # unbiased
+    assert float(err.std()) <= bound  # documented std bound
+
+
+def _top_overlap(a: Importance, b: Importance, ratio: float) -> float:
+    ra = regions.select(a.scores, "top", ratio, scope="matrix")
+    rb = regions.select(b.scores, "top", ratio, scope="matrix")
+    return regions.overlap(ra, rb)["jaccard"]
+
+
+def test_bf16_accumulator_agrees_with_fp32_tiny():
+    from conftest import random_batches
+
+    model = tiny_model("llama")
+    batches = random_batches(4)
+    f32 = compute_importance(model, batches, ImportanceConfig(dtype="float32"), progress=False)
+    b16 = compute_importance(model, batches, ImportanceConfig(dtype="bfloat16"), progress=False)
+    assert b16.extra["accumulator_dtype"] == "bfloat16"
+    for n in f32.scores:
+        rel = (b16.scores[n] - f32.scores[n]).abs() / f32.scores[n].clamp_min(1e-30)
+        assert float(rel.max()) < 2 ** -7 * 2  # 4 adds: within a few bf16 spacings
+    # tiny matrices: Top-10% (~100 entries per 32x32 matrix) so the overlap means something
+    ov = _top_overlap(f32, b16, 0.1)
+    print(f"tiny llama bf16 vs fp32 Top-10% Jaccard: {ov:.4f}")
+    assert ov >= 0.95
+
+
+@pytest.mark.slow
+def test_bf16_vs_fp32_top1_overlap_gemma(gemma, shared_data):
+    from lmeval_regions.corpora import batches, load_parallel
+
+    model, tok = gemma
+    texts = [u["text"] for u in load_parallel(langs=["en"])["en"][:6]]
+    data = list(batches(tok, texts, batch_size=2, max_length=64))
+    f32 = compute_importance(model, data, ImportanceConfig(dtype="float32"), progress=False)
+    b16 = compute_importance(model, data, ImportanceConfig(dtype="bfloat16"), progress=False)
+    ov = _top_overlap(f32, b16, 0.01)
+    print(f"Gemma-3-270M bf16 vs fp32 Top-1% (per matrix) Jaccard: {ov:.5f} "
+          f"over {len(data)} batches")
+    assert ov >= 0.99
+
+
+# ---- FSDP2: per-rank shards + merge == one process -----------------------------------------
+
+def _global_batches(n=3, batch=4, seq=10, seed=0):
+    # No padding: every rank's half of a batch has the same token count, so the mean of the two
+    # ranks' mean losses (FSDP2 averages gradients) is the one-process loss of the whole batch.
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, 128, (batch, seq), generator=g)
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
+    return out
+
+
+def _fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = tiny_model("llama")
+        mesh = init_device_mesh("cpu", (world,))
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        half = [{k: v[rank::world] for k, v in b.items()} for b in _global_batches()]
+        imp = compute_importance(model, half, progress=False)
+        save_shard(imp, model, out)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_fsdp2_two_process_shards_merge_to_single_process_artefact(tmp_path):
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "imp.safetensors"
+    mp.spawn(_fsdp_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    merged = merge_shards(shard_paths(out, 2), tmp_path / "merged.safetensors")
+
+    single = compute_importance(tiny_model("llama"), _global_batches(), progress=False)
+    single.save(tmp_path / "single.safetensors")
+    a = Importance.load(merged, model=tiny_model("llama"))
+    b = Importance.load(tmp_path / "single.safetensors")
+    assert list(a.scores) == list(b.scores)
+    assert (a.mode, a.model, a.n_sequences, a.n_tokens, a.n_skipped) == \
+           (b.mode, b.model, b.n_sequences, b.n_tokens, b.n_skipped)
+    for n in b.scores:
+        assert a.scores[n].shape == b.scores[n].shape
+        torch.testing.assert_close(a.scores[n], b.scores[n], rtol=1e-4, atol=1e-9)
+    # both ranks wrote real rows (the shards split every matrix)
+    from lmeval_regions.artefacts import read_metadata
+
+    rows = [read_metadata(shard_path(out, r, 2))["shard"]["rows"] for r in range(2)]
+    n0 = next(iter(b.scores))
+    assert rows[0][n0][0] == 0 and rows[0][n0][1] == rows[1][n0][0] > 0
+
+    # a missing rank is refused by name
+    with pytest.raises(ArtefactError, match="ranks 0..1"):
+        merge_shards([shard_path(out, 0, 2)], tmp_path / "bad.safetensors")
