@@ -307,8 +307,10 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     del model  # lm-eval loads its own copy
 
     # add_bos_token=False: BOS is context only, never a scored token (paper 1's perplexity).
+    # An explicit UDHR file reaches the tasks through metadata; otherwise they find the same
+    # file as we did (and `lmeval-regions table` runs share this cache).
     common = dict(model_args={"add_bos_token": False}, limit=cfg.eval_limit, resume=True,
-                  log=_log, task_metadata={"udhr_path": str(udhr)})
+                  log=_log, task_metadata={"udhr_path": str(udhr)} if cfg.texts else None)
     t0 = time.perf_counter()
     _log("Table 1: Base and Top/Bottom/Random regions of the core score, zeroed, "
          f"on {len(cfg.eval_langs)} languages")
