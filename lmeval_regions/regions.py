@@ -339,19 +339,21 @@ def jaccard(a: torch.Tensor | None, b: torch.Tensor | None) -> float:
     return inter / union if union else float("nan")
 
 
+def layer_index(name: str) -> int | None:
+    """The block index of a parameter name: its first all-digit component (None outside blocks)."""
+    for part in name.split("."):
+        if part.isdigit():
+            return int(part)
+    return None
+
+
 def overlap(a: Region, b: Region, layer_of=None) -> dict[str, Any]:
     """Jaccard overlap of two regions: total, per matrix, and per layer.
 
     ``layer_of(name) -> int | None`` groups parameters by layer (default: the first integer in
     the dotted name).
     """
-    def default_layer(n: str):
-        for part in n.split("."):
-            if part.isdigit():
-                return int(part)
-        return None
-
-    layer_of = layer_of or default_layer
+    layer_of = layer_of or layer_index
     names = sorted(set(a.indices) | set(b.indices))
     per_matrix, layers = {}, {}
     tot_i = tot_u = 0
@@ -379,13 +381,7 @@ def distribution(region: Region, layer_of=None, kind_of=None) -> dict[str, dict[
     """Entry counts of a region per layer and per module kind (q_proj, mlp.down_proj, ...)."""
     from .architecture import matrix_kind
 
-    def default_layer(n: str):
-        for part in n.split("."):
-            if part.isdigit():
-                return int(part)
-        return None
-
-    layer_of = layer_of or default_layer
+    layer_of = layer_of or layer_index
     kind_of = kind_of or matrix_kind
     by_layer: dict[str, int] = {}
     by_kind: dict[str, int] = {}

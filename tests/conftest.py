@@ -15,6 +15,15 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parent.parent
+_ALL_THREADS = torch.get_num_threads()
+
+
+@pytest.fixture(autouse=True)
+def _threads(request):
+    """One thread for tiny models (thread hand-offs cost more than their matmuls), all cores
+    for the real models of the slow tier."""
+    torch.set_num_threads(_ALL_THREADS if request.node.get_closest_marker("slow") else 1)
+    yield
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
