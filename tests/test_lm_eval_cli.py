@@ -176,3 +176,30 @@ def test_table_bad_arguments(argv, match, capsys):
 
     rc = main(["table", "--model", "x", "--tasks", "t", "--out", "/nonexistent/o"] + argv)
     assert rc == 2 and match in capsys.readouterr().err
+
+
+def test_accelerate_data_parallel_applies_regions_on_every_rank(tiny_lm_dir, shared_data,
+                                                                tmp_path):
+    """`accelerate launch` with 2 CPU processes: each rank loads the model and applies the
+    region itself, so the pooled results equal the single-process run with the region, and
+    differ from the run without it (a rank without the edit would change the numbers)."""
+    texts = udhr_texts(shared_data, ("en", "fr", "de"), n=2)  # 6 docs: 3 per rank
+    task_dir = write_ppl_task(tmp_path / "tasks", texts)
+    common = ["--tasks", TASK, "--include_path", str(task_dir), "--device", "cpu",
+              "--batch_size", "1"]
+    base = f"pretrained={tiny_lm_dir},dtype=float32"
+    region = "model.layers.*.mlp.down_proj.weight@scale:30"  # large effect on a tiny model
+    runs = _run_all({
+        "dp": [_exe("accelerate"), "launch", "--cpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "-m", "lmeval_regions.lm_eval_cli", "--model", "hf-regions",
+               "--model_args", f"{base},region={region}"] + common,
+        "single": [_exe("lm-eval-regions"), "--model", "hf-regions",
+                   "--model_args", f"{base},region={region}"] + common,
+        "unedited": [_exe("lm-eval-regions"), "--model", "hf", "--model_args", base] + common,
+    }, tmp_path)
+    key = "word_perplexity,none"
+    dp, single = runs["dp"]["results"][TASK][key], runs["single"]["results"][TASK][key]
+    assert dp == pytest.approx(single, rel=1e-6)
+    assert single != pytest.approx(runs["unedited"]["results"][TASK][key], rel=1e-4)
+    assert runs["dp"]["config"]["regions"]["edits"][0]["entries"] == 2 * 32 * 64
