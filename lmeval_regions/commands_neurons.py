@@ -102,7 +102,8 @@ def cmd_neurons(args) -> int:
                         args.units, args.eval_units)
         texts = {l: [u["text"] for u in us] for l, us in evals.items()}
         if args.ppl == "lm-eval":
-            ppl = N.lm_eval_ppl(resolve_pretrained(args.model), str(ns_path), args.mode)
+            ppl = N.lm_eval_ppl(resolve_pretrained(args.model), str(ns_path), args.mode,
+                                limit=args.eval_units)
         else:
             ppl = N.direct_ppl(model, tok, ns, texts, args.mode, args.max_length)
         rows = list(table_langs) + ([f"random-{l}" for l in table_langs] if args.random_rows else [])

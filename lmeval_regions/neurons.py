@@ -300,19 +300,15 @@ def lm_eval_ppl(pretrained: str, neurons_path: str, mode: str = "zero", limit: i
         raise RegionsError("the lm-eval path needs lmeval_regions.lm (model 'hf-regions'), "
                            f"which is not available: {e}") from None
     import lm_eval
-    from lm_eval.tasks import TaskManager
-    from pathlib import Path
 
-    tasks_dir = Path(__file__).resolve().parent.parent / "tasks"
-    try:
-        import lmeval_regions.tasks as t
-        tasks_dir = Path(t.__file__).resolve().parent
-    except ImportError:
-        pass
-    tm = TaskManager(include_path=str(tasks_dir))
+    from .task_paths import task_manager
+
+    # The perplexity tasks count tokens with the model's tokenizer: name it in their metadata.
+    tm = task_manager(metadata={"pretrained": pretrained})
 
     def ppl(set_name: str | None, lang: str) -> float:
-        args = {"pretrained": pretrained, "device": device}
+        # add_bos_token=False: BOS is context only, as in the direct computation
+        args = {"pretrained": pretrained, "device": device, "add_bos_token": False}
         if set_name is not None:
             args |= {"neurons": neurons_path, "neuron_set": set_name,
                      "neuron_intervention": mode}
