@@ -148,7 +148,13 @@ def run_report(args: argparse.Namespace) -> int:
             (hidden_dims_region(model, [rand_dims[0]], mmap=mmap), "reinit")],
     }, max_new_tokens=args.new_tokens)
 
-    doc = {"model": args.model, "langs": langs, "train_units": args.train_units,
+    # Describe the importance as it was made (a reused file may differ from this run's flags).
+    imp_langs = imp.languages or langs
+    imp_desc = (f"{imp.n_sequences} sequences, {imp.n_tokens} tokens" if imp.n_sequences
+                else f"units 0..{args.train_units - 1}")
+    doc = {"model": args.model, "langs": langs, "importance": {
+               "file": str(imp_path), "languages": imp_langs, "n_sequences": imp.n_sequences,
+               "n_tokens": imp.n_tokens, "mode": imp.mode},
            "eval_units": [args.eval_start, args.eval_start + args.eval_units - 1],
            "max_length": args.max_length, "ratio": args.ratio, "region_entries": region.numel(),
            "base": base, "outliers": outl.to_dict(), "removal": table, "ablation_wo_outliers": ablation,
@@ -158,8 +164,8 @@ def run_report(args: argparse.Namespace) -> int:
     write_text_atomic(out / "report.json", json.dumps(doc, indent=1, sort_keys=True))
 
     md = [f"# Dimensional dependence: {args.model}", "",
-          f"Region: Top {args.ratio:g} per matrix of |θ·∇L| summed over {', '.join(langs)} "
-          f"(units 0..{args.train_units - 1}); {region.numel()} entries. Perplexity: pooled token "
+          f"Region: Top {args.ratio:g} per matrix of |θ·∇L| ({imp.mode}) over "
+          f"{', '.join(imp_langs)} ({imp_desc}); {region.numel()} entries. Perplexity: pooled token "
           f"PPL on units {args.eval_start}..{args.eval_start + args.eval_units - 1}, "
           f"{args.max_length} tokens. Base PPL **{base['ppl']:.4g}**.", "",
           "## Structured removal (zero N_d dims per matrix per layer)", ""]

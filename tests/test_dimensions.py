@@ -312,3 +312,27 @@ def test_cli_registers_subcommands():
     assert a.func is commands_dims.run_report and a.n_dims == "1,3"
     with pytest.raises(RegionsError, match="integers"):
         commands_dims._ints("1,x")
+
+
+def test_dims_report_command_tiny(tiny_lm_dir, tmp_path):
+    """`lmeval-regions dims-report` end to end on a tiny model: every section and figure, and
+    a second run that reuses the importance file and describes it from its own metadata."""
+    import json
+
+    from lmeval_regions.cli import main
+
+    out = tmp_path / "dims"
+    argv = ["dims-report", "--model", str(tiny_lm_dir), "--langs", "en,fr", "--train-units", "2",
+            "--eval-units", "1", "--outlier-units", "1", "--n-dims", "1,2", "--top-dims", "2",
+            "--new-tokens", "3", "--max-length", "32", "--ratio", "0.05", "--out", str(out)]
+    assert main(argv) == 0
+    doc = json.loads((out / "report.json").read_text())
+    assert doc["importance"]["languages"] == ["en", "fr"] and doc["importance"]["n_sequences"] == 4
+    assert {r["setting"] for r in doc["removal"]} == {"attn_heads+ffn_down", "attn_heads",
+                                                      "attn_hidden", "ffn_hidden"}
+    assert {r["method"] for r in doc["removal"]} == {"top", "middle", "bottom", "random"}
+    assert doc["sweep"] and doc["single_parameter"] and doc["generations"]
+    for name in doc["figures"]:
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+    md = (out / "report.md").read_text()
+    assert "over en, fr (4 sequences" in md and "## Structured removal" in md
