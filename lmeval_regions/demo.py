@@ -381,8 +381,9 @@ def _markdown(report: dict[str, Any], table1, mono) -> str:
               f"/{len(cfg['train_langs'])} languages.", ""]
     for lang, v in pm.items():
         if isinstance(v, dict):
-            lines.append(f"* {lang} Top: own increase {v['own_increase']:.3g}× over Base, rank "
-                         f"{v['rank_of_own']} (most hurt: {', '.join(v['top3'])})")
+            lines.append(f"* {lang} Top: its own perplexity {v['own_increase'] + 1:.3g}× Base, rank "
+                         f"{v['rank_of_own']} among the evaluated languages (most hurt: "
+                         f"{', '.join(v['top3'])})")
     lines += ["", "![monolingual](monolingual_perplexity.png)", "",
               "## Where the core region lies", "",
               "![distribution](core_top_distribution.png)", "",
