@@ -66,7 +66,7 @@ def main() -> int:
               file=sys.stderr)
         return 2
 
-    from lmeval_regions.architecture import block_parameters
+    from lmeval_regions.models import block_parameters
     from lmeval_regions.artefacts import write_text_atomic
     from lmeval_regions.importance import ImportanceAccumulator
     from lmeval_regions.interventions import Editor

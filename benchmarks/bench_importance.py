@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default="benchmarks/results/importance.json")
     args = ap.parse_args(argv)
 
-    from lmeval_regions.architecture import block_parameters
+    from lmeval_regions.models import block_parameters
     from lmeval_regions.artefacts import write_text_atomic
     from lmeval_regions.corpora import batches, load_parallel
     from lmeval_regions.importance import ImportanceAccumulator

@@ -1,7 +1,7 @@
 """Top-3% selection over a synthetic importance artefact shaped like LLaMA-2-7B's block weights.
 
 32 layers x (q, k, v, o: 4096x4096; gate, up: 11008x4096; down: 4096x11008) = 6.48 B entries,
-stored bf16 (~13 GB), written tensor by tensor (:func:`lmeval_regions.streaming.write_safetensors`).
+stored bf16 (~13 GB), written tensor by tensor (:func:`lmeval_regions.artefacts.write_safetensors`).
 Each measurement runs in a fresh subprocess and reports its wall time and peak RSS
 (``ru_maxrss``); selections are timed against plain sequential reads of the same file.
 
@@ -43,7 +43,7 @@ def generate(path: Path, n_layers: int, seed: int = 0) -> dict:
     """Positive scores, log-uniform over 2^-31..2^17 (random bf16 bit patterns: cheap to make
     at 6.5 B entries), one piece in memory at a time."""
     from lmeval_regions.artefacts import model_fingerprint
-    from lmeval_regions.streaming import write_safetensors
+    from lmeval_regions.artefacts import write_safetensors
 
     lay = layout(n_layers)
     g = torch.Generator().manual_seed(seed)
@@ -66,7 +66,8 @@ def generate(path: Path, n_layers: int, seed: int = 0) -> dict:
 
 def measure(what: str, path: str, ratio: float) -> dict:
     """One measurement, in this (fresh) process."""
-    from lmeval_regions.streaming import LazyScores, select_file
+    from lmeval_regions.artefacts import LazyScores
+    from lmeval_regions.regions import select_file
 
     ru = resource.getrusage(resource.RUSAGE_SELF)
     cpu0 = ru.ru_utime + ru.ru_stime

@@ -7,7 +7,7 @@ at the top of site-packages, which package data cannot reach; so ``build_py`` wr
 * ``pip install -e .`` (PEP 660 editable wheel): setuptools ignores ``build_lib`` there, and
   ``install_lib`` points at the root of the unpacked editable wheel, so it is written there.
 
-Its single line runs :func:`lmeval_regions.lm_eval_hook.install` and swallows every error,
+Its single line runs :func:`lmeval_regions.eval.hook.install` and swallows every error,
 so a broken or half-removed install can never stop Python from starting.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 from setuptools.command.build_py import build_py
 
 PTH_NAME = "lmeval_regions_lm_eval.pth"
-PTH_LINE = ("import sys; exec('try:\\n import lmeval_regions.lm_eval_hook as _h; _h.install()"
+PTH_LINE = ("import sys; exec('try:\\n import lmeval_regions.eval.hook as _h; _h.install()"
             "\\nexcept Exception:\\n pass')\n")
 
 

@@ -20,14 +20,15 @@ from __future__ import annotations
 import contextlib
 import zlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
 from torch import nn
 
-from .architecture import init_std
-from .errors import RegionsError, did_you_mean
-from .regions import Region
+from lmeval_regions.errors import RegionsError, did_you_mean
+from lmeval_regions.models.architecture import init_std
+from lmeval_regions.regions import Region, from_specs
 
 KINDS = ("zero", "constant", "scale", "noise", "reinit")
 
@@ -190,10 +191,6 @@ def parse_edits(text: str, default: str = "zero") -> list[tuple[str, Interventio
 
 def resolve_target(model: nn.Module, target: str) -> Region:
     """A region from a TARGET of :func:`parse_edits`: artefact path or entry spec."""
-    from pathlib import Path
-
-    from .regions import from_specs
-
     if target.endswith(".safetensors") or Path(target).is_file():
         return Region.load(target, model)
     return from_specs(model, target)

@@ -8,7 +8,7 @@ import torch
 
 from conftest import tiny_model
 from lmeval_regions.activations import ActivationConfig, Activations, capture
-from lmeval_regions.architecture import find_layout
+from lmeval_regions.models import find_layout
 from lmeval_regions.errors import ArtefactError, ModelMismatchError, RegionsError
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from lmeval_regions import artefacts
+from lmeval_regions.artefacts import format as artefacts
 from lmeval_regions.artefacts import (
     load_artefact, model_fingerprint, read_metadata, save_artefact, write_text_atomic,
 )

@@ -9,15 +9,15 @@ import pytest
 import torch
 
 from conftest import random_batches, tiny_model
-from lmeval_regions.dim_sweep import dimension_sweep, norm_perturbation, perturbation_table
+from lmeval_regions.dimensions import dimension_sweep, norm_perturbation, perturbation_table
 from lmeval_regions.dimensions import (SETTINGS, dimension_counts, hidden_dim_ranking,
                                        hidden_dims_region, removal_table, select_dims,
                                        structured_region)
 from lmeval_regions.errors import RegionsError
 from lmeval_regions.interventions import Editor
-from lmeval_regions.module_map import find_module_map
-from lmeval_regions.outliers import OutlierConfig, find_outliers
-from lmeval_regions.region_plots import (neighbourhood_density, plot_distribution,
+from lmeval_regions.models import find_module_map
+from lmeval_regions.dimensions import OutlierConfig, find_outliers
+from lmeval_regions.studies.region_plots import (neighbourhood_density, plot_distribution,
                                          plot_region_heatmaps, plot_sweep)
 from lmeval_regions.regions import Region, from_specs
 
@@ -304,7 +304,7 @@ def test_plots_write_pngs(tmp_path, arch):
 
 
 def test_cli_registers_subcommands():
-    from lmeval_regions import commands_dims
+    from lmeval_regions.cli.commands import dims as commands_dims
 
     p = argparse.ArgumentParser()
     commands_dims.register(p.add_subparsers(dest="command"))

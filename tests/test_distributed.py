@@ -33,7 +33,7 @@ def _worker(rank: int, kind: str, init_file: str, out_dir: str) -> None:
 
 def _run(rank: int, kind: str, out_dir: str) -> None:
     from conftest import tiny_model
-    from lmeval_regions.architecture import block_parameters
+    from lmeval_regions.models import block_parameters
     from lmeval_regions.importance import Importance, ImportanceAccumulator
     from trainer_ext import FreezeRegionAdapter, ImportanceCallback
     from trainer_ext.sharding import full_tensor, local

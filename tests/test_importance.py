@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import random_batches, tiny_model
 
-from lmeval_regions.architecture import block_parameters
+from lmeval_regions.models import block_parameters
 from lmeval_regions.errors import ArtefactError, ModelMismatchError, RegionsError
 from lmeval_regions.importance import (
     Importance, ImportanceAccumulator, ImportanceConfig, combine, compute_importance,

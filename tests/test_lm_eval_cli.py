@@ -110,7 +110,7 @@ def test_wheels_install_the_pth_hook(tmp_path):
 def test_hook_registers_without_hiding_builtins():
     """The import hook, installed before lm-eval is imported, registers hf-regions lazily and
     keeps the built-in models (get_model only imports them into an empty registry)."""
-    code = ("import os, sys; from lmeval_regions import lm_eval_hook as h; "
+    code = ("import os, sys; from lmeval_regions.eval import hook as h; "
             "assert 'lm_eval' not in sys.modules; os.environ.pop('LMEVAL_REGIONS_NO_HOOK'); "
             "h.install(); from lm_eval.api.registry import get_model; "
             "print(get_model('hf').__name__, get_model('hf-regions').__name__)")
@@ -192,7 +192,7 @@ def test_accelerate_data_parallel_applies_regions_on_every_rank(tiny_lm_dir, sha
     runs = _run_all({
         "dp": [_exe("accelerate"), "launch", "--cpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "-m", "lmeval_regions.lm_eval_cli", "--model", "hf-regions",
+               "-m", "lmeval_regions.eval.console", "--model", "hf-regions",
                "--model_args", f"{base},region={region}"] + common,
         "single": [_exe("lm-eval-regions"), "--model", "hf-regions",
                    "--model_args", f"{base},region={region}"] + common,

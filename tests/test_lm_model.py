@@ -71,7 +71,7 @@ def test_python_api_zero_region_equals_hand_edit(tiny_lm_dir, task_dir, tmp_path
 
 
 def test_interventions_and_default_equal_hand_edit(tiny_lm_dir, task_dir):
-    from lmeval_regions.lm import HFRegionsLM
+    from lmeval_regions.eval.model import HFRegionsLM
 
     lm = HFRegionsLM(pretrained=str(tiny_lm_dir), dtype="float32", batch_size=1, device="cpu",
                      intervention="scale:3",
@@ -98,7 +98,7 @@ def test_interventions_and_default_equal_hand_edit(tiny_lm_dir, task_dir):
 
 def test_neurons_zero_equals_zeroed_down_proj_columns(tiny_lm_dir, task_dir, tmp_path):
     """Zeroing MLP neurons j (inputs of down_proj) == zeroing down_proj's columns j by hand."""
-    from lmeval_regions.neuron_sets import NeuronSet
+    from lmeval_regions.neurons import NeuronSet
 
     ref = _load(tiny_lm_dir)
     masks = {"ar": torch.zeros(2, 64, dtype=torch.bool), "es": torch.zeros(2, 64, dtype=torch.bool)}
@@ -131,15 +131,15 @@ def test_neurons_zero_equals_zeroed_down_proj_columns(tiny_lm_dir, task_dir, tmp
     ({"neuron_set": "ar"}, "needs 'neurons=PATH'"),
 ])
 def test_bad_model_args(tiny_lm_dir, args, match):
-    from lmeval_regions.lm import HFRegionsLM
+    from lmeval_regions.eval.model import HFRegionsLM
 
     with pytest.raises(RegionsError, match=match):
         HFRegionsLM(pretrained=str(tiny_lm_dir), device="cpu", **args)
 
 
 def test_unknown_neuron_set_and_keys_do_not_reach_from_pretrained(tiny_lm_dir, tmp_path):
-    from lmeval_regions.lm import HFRegionsLM
-    from lmeval_regions.neuron_sets import NeuronSet
+    from lmeval_regions.eval.model import HFRegionsLM
+    from lmeval_regions.neurons import NeuronSet
 
     ref = _load(tiny_lm_dir)
     m = torch.zeros(2, 64, dtype=torch.bool)
@@ -157,7 +157,7 @@ def test_unknown_neuron_set_and_keys_do_not_reach_from_pretrained(tiny_lm_dir, t
 
 
 def test_offloaded_parameter_is_a_clear_error(tiny_lm_dir):
-    from lmeval_regions.lm import HFRegionsLM
+    from lmeval_regions.eval.model import HFRegionsLM
     from transformers import AutoTokenizer
 
     model = _load(tiny_lm_dir)
@@ -172,7 +172,7 @@ def test_peft_adapter_regions_use_base_names(tiny_lm_dir, tmp_path):
     """With peft=..., LoRA-wrapped weights are addressed by their plain names."""
     from peft import LoraConfig, get_peft_model
 
-    from lmeval_regions.lm import HFRegionsLM
+    from lmeval_regions.eval.model import HFRegionsLM
 
     peft_model = get_peft_model(_load(tiny_lm_dir), LoraConfig(r=2, target_modules=["q_proj"]))
     peft_model.save_pretrained(tmp_path / "adapter")
@@ -186,7 +186,7 @@ def test_peft_adapter_regions_use_base_names(tiny_lm_dir, tmp_path):
 
 def test_embedded_name_resolves(monkeypatch, tiny_lm_dir):
     """``pretrained=`` an embedded name goes through models.resolve_pretrained."""
-    import lmeval_regions.lm as lm_mod
+    import lmeval_regions.eval.model as lm_mod
 
     seen = []
     monkeypatch.setattr(lm_mod, "resolve_pretrained", lambda n: seen.append(n) or str(tiny_lm_dir))

@@ -8,9 +8,9 @@ import torch
 
 from conftest import tiny_model
 from lmeval_regions.activations import Activations
-from lmeval_regions.architecture import find_layout
+from lmeval_regions.models import find_layout
 from lmeval_regions.errors import ArtefactError, ModelMismatchError, RegionsError
-from lmeval_regions.neuron_sets import NeuronSet
+from lmeval_regions.neurons import NeuronSet
 from lmeval_regions import neurons as N
 
 LANGS = ["ar", "zh", "en", "fr", "es", "ru", "hi", "vi"]

@@ -8,7 +8,7 @@ import pytest
 from lmeval_regions import neurons as N
 from lmeval_regions.activations import ActivationConfig, Activations, capture
 from lmeval_regions.corpora import load_parallel
-from lmeval_regions.neuron_report import analyse, write_report
+from lmeval_regions.studies.neuron_report import analyse, write_report
 
 LANGS = ["en", "zh", "fr", "ar", "hi", "ru"]
 

@@ -278,9 +278,9 @@ def test_region_save_load_and_model_check(tmp_path, arch):
 @pytest.mark.parametrize("method", ["top", "bottom", "middle"])
 def test_global_selection_brute_force_with_tiny_chunks(method, monkeypatch):
     """The streaming pass must give the same answer when tensors span many chunks."""
-    from lmeval_regions import selection_global
+    from lmeval_regions.regions import ranking
 
-    monkeypatch.setattr(selection_global, "CHUNK", 7)
+    monkeypatch.setattr(ranking, "CHUNK", 7)
     g = torch.Generator().manual_seed(3)
     scores = {"a": torch.randint(0, 5, (13, 11), generator=g).float(),
               "b": torch.rand(50, generator=g), "c": torch.randint(0, 5, (9,), generator=g).float()}

@@ -10,12 +10,14 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from lmeval_regions import regions, selection_global
+from lmeval_regions import regions
+from lmeval_regions.regions import ranking
 from lmeval_regions.errors import ArtefactError
 from lmeval_regions.importance import (Importance, ImportanceAccumulator, ImportanceConfig,
-                                       _add_stochastic_bf16, compute_importance)
-from lmeval_regions.shards import merge_shards, save_shard, shard_path, shard_paths
-from lmeval_regions.streaming import LazyScores, select_file, write_safetensors
+                                       add_stochastic_bf16, compute_importance)
+from lmeval_regions.importance import merge_shards, save_shard, shard_path, shard_paths
+from lmeval_regions.artefacts import LazyScores, write_safetensors
+from lmeval_regions.regions import select_file
 
 
 def _brute(scores, names, method, ratio):
@@ -44,8 +46,8 @@ def _flat(region, scores, names):
 def test_radix_selection_equals_stable_sort(monkeypatch, dtype, chunk):
     # Small chunks make every tensor span several chunks; few distinct values make many ties
     # (broken by position), signs and -0.0 exercise the key mapping.
-    monkeypatch.setattr(selection_global, "CHUNK", chunk)
-    monkeypatch.setattr(regions, "_SORT_LIMIT", 0)  # per-matrix through the radix path too
+    monkeypatch.setattr(ranking, "CHUNK", chunk)
+    monkeypatch.setattr(ranking, "SORT_LIMIT", 0)  # per-matrix through the radix path too
     g = torch.Generator().manual_seed(1)
     scores = {
         "a": torch.randn(7, 9, generator=g).to(dtype),
@@ -77,8 +79,8 @@ def _tiny_importance(tmp_path, dtype=torch.float32):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_lazy_scores_selection_equals_in_memory(tmp_path, monkeypatch, dtype):
-    monkeypatch.setattr(selection_global, "CHUNK", 100)
-    monkeypatch.setattr(regions, "_SORT_LIMIT", 0)
+    monkeypatch.setattr(ranking, "CHUNK", 100)
+    monkeypatch.setattr(ranking, "SORT_LIMIT", 0)
     imp, path = _tiny_importance(tmp_path, dtype)
     lazy = LazyScores(path)
     loaded = Importance.load(path).scores
@@ -98,7 +100,7 @@ def test_lazy_scores_selection_equals_in_memory(tmp_path, monkeypatch, dtype):
 
 def test_random_global_large_is_uniform_and_exact_size(monkeypatch):
     # Above the permutation limit the per-parameter counts come from the hypergeometric law.
-    monkeypatch.setattr(selection_global, "_RANDOM_PERM_LIMIT", 10)
+    monkeypatch.setattr(ranking, "_RANDOM_PERM_LIMIT", 10)
     scores = {"a": torch.zeros(300, 100), "b": torch.zeros(100, 100)}
     r = regions.select(scores, "random", 0.1, scope="global", seed=5)
     assert r.numel() == 4000
@@ -134,7 +136,7 @@ def test_stochastic_rounding_is_unbiased_and_within_bound():
     rtn = torch.ones(m, dtype=torch.bfloat16)
     g = torch.Generator().manual_seed(0)
     for _ in range(n):
-        _add_stochastic_bf16(acc, torch.full((m,), x), g)
+        add_stochastic_bf16(acc, torch.full((m,), x), g)
         rtn = (rtn.float() + x).bfloat16()
     exact = 1.0 + n * x
     assert torch.all(rtn == 1.0)  # round-to-nearest stalls

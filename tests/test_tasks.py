@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lmeval_regions.errors import RegionsError
-from lmeval_regions.task_paths import task_manager, tasks_path
+from lmeval_regions.eval.tasks import task_manager, tasks_path
 
 LIMIT = 3
 
@@ -42,7 +42,7 @@ def test_tasks_path_is_the_installed_folder():
 
 def test_suite_indexes_every_task():
     tm = task_manager(include_defaults=False)
-    from lmeval_regions.corpora import UDHR_LANGS
+    from lmeval_regions.paper import UDHR_LANGS
 
     want = ([f"udhr_ppl_{l}" for l in UDHR_LANGS] + ["udhr_ppl", "udhr_ppl_paper1", "text_ppl",
             "mmlu_local", "mmlu_hub", "arabicmmlu_local", "arabicmmlu_filtered",
@@ -59,7 +59,7 @@ def test_every_task_runs_offline(tiny_lm_dir, shared_data, tmp_path):
                                 "arabicmmlu_filtered", "xstorycloze_xl", "case_studies"],
                   limit=2, metadata={"text_path": str(txt)})
     res = r["results"]
-    from lmeval_regions.corpora import UDHR_LANGS
+    from lmeval_regions.paper import UDHR_LANGS
 
     for l in UDHR_LANGS:
         t = res[f"udhr_ppl_{l}"]
@@ -190,7 +190,7 @@ def test_hendrycks_csv_layout(tmp_path):
 
 
 def test_bad_inputs_name_the_problem(tmp_path):
-    from lmeval_regions.tasks.perplexity.ppl import _tokenizer_source, load_text, load_udhr
+    from lmeval_regions.eval.ppl_task import load_text, load_udhr, tokenizer_source
 
     with pytest.raises(RegionsError, match="text_path"):
         load_text()
@@ -199,7 +199,7 @@ def test_bad_inputs_name_the_problem(tmp_path):
     with pytest.raises(RegionsError, match="language 'xx'"):
         load_udhr("xx")
     with pytest.raises(RegionsError, match="needs the model's tokenizer"):
-        _tokenizer_source({"config_source": "x"})
+        tokenizer_source({"config_source": "x"})
     assert len(load_udhr("en", udhr_heldout_start=0)["test"]) == 50
 
 
@@ -266,11 +266,13 @@ def test_token_counts_agree_with_lm_eval_bos_tokenizer():
 @pytest.mark.slow
 def test_gemma_token_perplexity_with_add_bos_false_is_paper_metric(gemma, shared_data):
     """On Gemma-3-270M with add_bos_token=False, lm-eval's token perplexity equals the direct
-    "BOS as conditioning only" computation of lmeval_regions.corpora.perplexity."""
+    "BOS as conditioning only" computation of lmeval_regions.perplexity.perplexity."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
-    from lmeval_regions.corpora import load_parallel, perplexity
+    from lmeval_regions.corpora import load_parallel
+
+    from lmeval_regions.perplexity import perplexity
     from lmeval_regions.models import resolve_pretrained
 
     model, tok = gemma

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import Trainer, TrainingArguments
 
-from lmeval_regions.architecture import block_parameters
+from lmeval_regions.models import block_parameters
 from lmeval_regions.regions import select
 
 

@@ -1,0 +1,5 @@
+import sys
+
+from lmeval_regions.cli.main import main
+
+sys.exit(main())

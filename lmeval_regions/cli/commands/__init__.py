@@ -1,0 +1,1 @@
+"""Subcommands of ``lmeval-regions``, one module per group."""

@@ -1,0 +1,259 @@
+"""Leaderboard-style grids: model × region interventions × tasks through lm-eval, written in
+paper 1's Table 1 layout (rows = languages/tasks, columns = Base and Top/Bottom/Random at each
+ratio).
+
+The model is loaded once as ``hf-regions``; each condition applies its edits with the model's
+own :meth:`~lmeval_regions.eval.model.HFRegionsLM.apply_edits`, runs ``lm_eval.simple_evaluate`` on the
+same object, and restores the weights bit-exactly before the next condition. Regions are made
+on the fly from an importance artefact (``select_from_importance``, saved beside the table for
+provenance) or taken from region files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from lmeval_regions.artefacts import file_digest, write_text_atomic
+from lmeval_regions.errors import RegionsError
+from lmeval_regions.eval.console import include_ours
+from lmeval_regions.eval.model import HFRegionsLM
+from lmeval_regions.eval.ppl_task import pooled_perplexity
+from lmeval_regions.importance import Importance
+from lmeval_regions.interventions import Intervention
+from lmeval_regions.models import resolve_pretrained
+from lmeval_regions.regions import METHODS, check_ratio, select_from_importance
+
+PREFERRED_METRICS = ("token_perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte",
+                     "acc", "acc_norm", "exact_match")
+
+
+@dataclass
+class Condition:
+    """One column of the table: a label and the edits that make it (none for Base)."""
+
+    label: str
+    """Column header, e.g. ``Base`` or ``Top 1%``."""
+    method: str | None = None
+    """Selection method (top/bottom/middle/random) when made from importance."""
+    ratio: float | None = None
+    """Selection ratio when made from importance."""
+    region: str | None = None
+    """Region file (made or given) or entry spec; None for Base."""
+    intervention: str = "zero"
+    """Intervention applied to the region (paper 1 removes = zeroes)."""
+
+    def __post_init__(self) -> None:
+        if self.method is not None and self.method not in METHODS:
+            raise RegionsError(f"method '{self.method}' is not one of {METHODS}")
+        if self.ratio is not None:
+            self.ratio = check_ratio(self.ratio)
+        self.intervention = str(Intervention.parse(self.intervention))
+
+
+def ratio_label(ratio: float) -> str:
+    pct = ratio * 100
+    return f"{pct:g}%"
+
+
+def grid_conditions(methods: Sequence[str], ratios: Sequence[float], base: bool = True,
+                    intervention: str = "zero") -> list[Condition]:
+    """Base, then for each ratio each method (paper 1's column order)."""
+    out = [Condition("Base")] if base else []
+    for r in ratios:
+        for m in methods:
+            out.append(Condition(f"{m.capitalize()} {ratio_label(check_ratio(r))}", m, r,
+                                 intervention=intervention))
+    return out
+
+
+def make_regions(conditions: list[Condition], importance_path: str | os.PathLike, model,
+                 folder: Path, scope: str = "matrix", seed: int = 0) -> None:
+    """Select each condition's region from the importance file; save it in ``folder``."""
+    imp = Importance.load(importance_path, model)
+    folder.mkdir(parents=True, exist_ok=True)
+    for c in conditions:
+        if c.method is None or c.region is not None:
+            continue
+        path = folder / f"{c.method}_{c.ratio:g}_{scope}_s{seed}.safetensors"
+        select_from_importance(imp, c.method, c.ratio, scope, seed).save(path)
+        c.region = str(path)
+
+
+def metric_of(task_result: dict[str, Any], metric: str) -> tuple[str, float] | None:
+    """``(metric, value)`` of one task's results; ``metric='auto'`` picks the first of
+    :data:`PREFERRED_METRICS` present."""
+    names = PREFERRED_METRICS if metric == "auto" else (metric,)
+    for m in names:
+        for key, v in task_result.items():
+            if key.split(",")[0] == m and isinstance(v, (int, float)):
+                return m, float(v)
+    return None
+
+
+@dataclass
+class Table:
+    """Rows × columns of one metric; ``cells[row][column]``."""
+
+    metric: str
+    columns: list[str]
+    rows: list[str]
+    cells: dict[str, dict[str, float]]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def markdown(self, digits: int = 2) -> str:
+        def fmt(v: float | None) -> str:
+            if v is None:
+                return "–"
+            if math.isinf(v) or math.isnan(v):
+                return str(v)
+            return f"{v:.{digits}e}" if abs(v) >= 1e5 else f"{v:.{digits}f}"
+
+        head = f"| {self.meta.get('row_title', 'Language')} | " + " | ".join(self.columns) + " |"
+        lines = [head, "|" + "---|" * (len(self.columns) + 1)]
+        for r in self.rows:
+            lines.append(f"| {r} | " + " | ".join(fmt(self.cells[r].get(c)) for c in self.columns) + " |")
+        note = (f"\n{self.metric} (lower is better)" if "perplexity" in self.metric
+                else f"\n{self.metric}")
+        return "\n".join(lines) + "\n" + note + "\n"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"metric": self.metric, "columns": self.columns, "rows": self.rows,
+                "cells": self.cells, "meta": self.meta}
+
+
+def _row_labels(tasks: list[str]) -> dict[str, str]:
+    """Strip the common prefix (``udhr_ppl_ar`` -> ``ar``) when it leaves every name non-empty."""
+    if len(tasks) < 2:
+        return {t: t for t in tasks}
+    prefix = os.path.commonprefix(tasks)
+    prefix = prefix[:prefix.rfind("_") + 1] if "_" in prefix else ""
+    return {t: (t[len(prefix):] or t) for t in tasks}
+
+
+def build_table(per_condition: dict[str, dict[str, Any]], metric: str = "auto") -> Table:
+    """A :class:`Table` from ``{column label: simple_evaluate results}``."""
+    columns = list(per_condition)
+    leaves: list[str] = []
+    for res in per_condition.values():
+        groups = set(res.get("groups", {}))
+        for t in res["results"]:
+            if t not in groups and t not in leaves:
+                leaves.append(t)
+    chosen = None
+    cells: dict[str, dict[str, float]] = {}
+    labels = _row_labels(leaves)
+    for col, res in per_condition.items():
+        for t in leaves:
+            got = metric_of(res["results"].get(t, {}), chosen or metric)
+            if got is None:
+                continue
+            chosen = chosen or got[0]
+            cells.setdefault(labels[t], {})[col] = got[1]
+    if chosen is None:
+        raise RegionsError(f"no task result has the metric '{metric}'"
+                           + ("" if metric != "auto" else f" (tried {PREFERRED_METRICS})"))
+    rows = [labels[t] for t in leaves if labels[t] in cells]
+    # A pooled row for each perplexity group (lm-eval's own group value is a mean of ratios).
+    for col, res in per_condition.items():
+        for g in res.get("groups", {}):
+            pooled = _pooled(res, g)
+            if pooled is not None and chosen in pooled:
+                cells.setdefault(f"{g} (pooled)", {})[col] = float(pooled[chosen])
+    rows += sorted(r for r in cells if r.endswith("(pooled)") and r not in rows)
+    return Table(chosen, columns, rows, cells)
+
+
+def _pooled(results: dict[str, Any], group: str) -> dict[str, float] | None:
+    try:
+        return pooled_perplexity(results, group=group)
+    except (RegionsError, KeyError):
+        return None  # not one of our perplexity groups
+
+
+def run_grid(pretrained: str, conditions: list[Condition], tasks: list[str], out: Path,
+             importance: str | None = None, scope: str = "matrix", seed: int = 0,
+             metric: str = "auto", model_args: dict[str, Any] | None = None,
+             include_path: str | None = None, limit: int | float | None = None,
+             batch_size: int | str = 1, device: str = "cpu", log=print,
+             resume: bool = False, task_metadata: dict[str, Any] | None = None) -> Table:
+    """Evaluate every condition on ``tasks`` and write ``out/table.md``, ``out/table.json``
+    and each condition's lm-eval results under ``out/results/``.
+
+    With ``resume``, a condition whose results file exists and was made with the same model,
+    tasks, limit, model_args and region (by content digest) is read back instead of re-run.
+    ``task_metadata`` reaches the tasks' dataset loaders (e.g. ``udhr_path``)."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    if not tasks:
+        raise RegionsError("no tasks given (e.g. --tasks udhr_ppl)")
+    needs = [c.label for c in conditions if c.method is not None and c.region is None]
+    if needs and importance is None:
+        raise RegionsError(f"conditions {needs} select regions from importance: pass --importance "
+                           "CORE.safetensors, or give region files (--regions)")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = resolve_pretrained(pretrained)
+    args = {"pretrained": path, "dtype": "float32", "device": device, "batch_size": batch_size,
+            **(model_args or {})}
+    lm = HFRegionsLM(**args)
+    if needs:
+        make_regions(conditions, importance, lm.model, out / "regions", scope, seed)
+    # model_args reach task metadata only through the CLI/string path: give the tokenizer here.
+    manager = TaskManager(include_path=include_ours(include_path),
+                          metadata={"pretrained": path, "tokenizer": args.get("tokenizer", path),
+                                    **(task_metadata or {})})
+    per_condition: dict[str, dict[str, Any]] = {}
+    timings = {}
+    for c in conditions:
+        t0 = time.perf_counter()
+        result_file = out / "results" / f"{_slug(c.label)}.json"
+        key = _condition_key(c, path, tasks, limit, {**args, **(task_metadata or {})})
+        if resume and result_file.exists():
+            old = json.loads(result_file.read_text(encoding="utf-8"))
+            if old.get("lmeval_regions_key") == key:
+                per_condition[c.label] = old
+                timings[c.label] = old.get("lmeval_regions_seconds", 0.0)
+                log(f"[table] {c.label}: reused {result_file}")
+                continue
+        if c.region is not None:
+            lm.apply_edits(f"{c.region}@{c.intervention}")
+        try:
+            res = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager,
+                                          limit=limit, batch_size=batch_size, device=device)
+        finally:
+            lm.restore_edits()
+        timings[c.label] = round(time.perf_counter() - t0, 1)
+        res.pop("samples", None)
+        res["lmeval_regions_key"] = key
+        res["lmeval_regions_seconds"] = timings[c.label]
+        write_text_atomic(result_file, json.dumps(res, indent=1, default=str))
+        per_condition[c.label] = res
+        log(f"[table] {c.label}: {timings[c.label]} s")
+    table = build_table(per_condition, metric)
+    table.meta.update({"model": pretrained, "tasks": tasks, "limit": limit, "scope": scope,
+                       "seed": seed, "importance": importance, "seconds": timings,
+                       "conditions": [asdict(c) for c in conditions]})
+    write_text_atomic(out / "table.md", table.markdown())
+    write_text_atomic(out / "table.json", json.dumps(table.to_json(), indent=1))
+    return table
+
+
+def _condition_key(c: Condition, path: str, tasks: list[str], limit, args: dict) -> str:
+    """What a condition's result depends on, as one string (for ``resume``)."""
+    region = c.region
+    if region and Path(region).is_file():
+        region = file_digest(region)
+    return json.dumps({"model": str(path), "tasks": tasks, "limit": limit, "region": region,
+                       "intervention": c.intervention,
+                       "args": {k: str(v) for k, v in sorted(args.items())}}, sort_keys=True)
+
+
+def _slug(label: str) -> str:
+    return label.lower().replace("%", "pct").replace(" ", "_").replace(".", "p")

@@ -1,0 +1,87 @@
+"""The importance artefact: per-parameter scores with their provenance, and their sum."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from lmeval_regions.artefacts import check_fingerprint, load_artefact, save_artefact
+from lmeval_regions.errors import ArtefactError, RegionsError
+
+KIND = "importance"
+
+
+@dataclass
+class Importance:
+    """Importance scores ``name -> tensor`` (shape of the parameter) with their provenance."""
+
+    scores: dict[str, torch.Tensor]
+    mode: str
+    model: dict[str, Any]
+    """Model fingerprint (see :func:`artefacts.model_fingerprint`)."""
+    languages: list[str] = field(default_factory=list)
+    n_sequences: int = 0
+    n_tokens: int = 0
+    n_skipped: int = 0
+    """Batches skipped because a gradient was not finite."""
+    sources: list[dict[str, Any]] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def meta(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode, "model": self.model, "languages": self.languages,
+            "n_sequences": self.n_sequences, "n_tokens": self.n_tokens,
+            "n_skipped": self.n_skipped, "sources": self.sources, **self.extra,
+        }
+
+    def save(self, path: str | os.PathLike) -> None:
+        save_artefact(path, self.scores, KIND, self.meta())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model: nn.Module | None = None) -> "Importance":
+        """Load an importance artefact; with ``model``, check it was made for that model."""
+        tensors, doc = load_artefact(path, KIND)
+        if model is not None:
+            check_fingerprint(doc["model"], model, what=f"importance file '{path}'", names=list(tensors))
+        known = {"mode", "model", "languages", "n_sequences", "n_tokens", "n_skipped", "sources"}
+        return cls(
+            scores=tensors, mode=doc["mode"], model=doc["model"],
+            languages=doc.get("languages", []), n_sequences=doc.get("n_sequences", 0),
+            n_tokens=doc.get("n_tokens", 0), n_skipped=doc.get("n_skipped", 0),
+            sources=doc.get("sources", []),
+            extra={k: v for k, v in doc.items() if k not in known | {"kind", "library_version"}},
+        )
+
+    @property
+    def shapes(self) -> dict[str, list[int]]:
+        return {n: list(t.shape) for n, t in self.scores.items()}
+
+
+def combine(parts: Iterable[Importance]) -> Importance:
+    """Sum of per-language importances: paper 1's core-region score (Σ_l I_l, per entry)."""
+    parts = list(parts)
+    if not parts:
+        raise RegionsError("combine() needs at least one importance")
+    first = parts[0]
+    for p in parts[1:]:
+        if p.model["sha256"] != first.model["sha256"]:
+            raise ArtefactError("cannot combine importances computed on different models")
+        if set(p.scores) != set(first.scores):
+            diff = sorted(set(p.scores) ^ set(first.scores))
+            raise ArtefactError(f"cannot combine importances over different parameters: {diff[:3]}")
+        if p.mode != first.mode:
+            raise ArtefactError(f"cannot combine importance modes '{first.mode}' and '{p.mode}'")
+    scores = {n: sum((p.scores[n].float() for p in parts[1:]), first.scores[n].float().clone())
+              for n in first.scores}
+    return Importance(
+        scores=scores, mode=first.mode, model=first.model,
+        languages=[l for p in parts for l in p.languages],
+        n_sequences=sum(p.n_sequences for p in parts), n_tokens=sum(p.n_tokens for p in parts),
+        n_skipped=sum(p.n_skipped for p in parts),
+        sources=[s for p in parts for s in p.sources],
+        extra={"combined_from": [p.languages for p in parts]},
+    )

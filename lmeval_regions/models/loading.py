@@ -1,0 +1,117 @@
+"""Loading a model and its tokenizer from one :class:`ModelConfig`.
+
+Every command that loads a model takes the same flags, generated from :class:`ModelConfig`
+(``--model --device --dtype --device-map --revision --trust-remote-code``); lm-eval runs get
+the same settings as ``hf`` model_args through :meth:`ModelConfig.hf_model_args`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from lmeval_regions.errors import RegionsError, did_you_mean
+from lmeval_regions.models.embedded import DEFAULT_MODEL, EMBEDDED, resolve_pretrained
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class ModelConfig:
+    """Which model to load, in which dtype, on which device(s)."""
+
+    model: str = DEFAULT_MODEL
+    """Embedded model (gemma-3-270m: Gemma-3-270M base, smollm2-135m: SmolLM2-135M-Instruct;
+    both 4-bit GGUF from PyPI, de-quantised to fp32), a local HF folder, or a hub id."""
+    device: str = "auto"
+    """Torch device: cpu, cuda, cuda:N, mps, or auto (cuda when available, else cpu). Not used
+    with device_map."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype of the weights; bfloat16 on GPUs. Importance accumulates in fp32 (or stochastic-
+    rounding bf16) whatever this is."""
+    device_map: str | None = None
+    """accelerate device map for a model larger than one GPU (e.g. auto: layers spread over
+    the visible GPUs, then CPU); empty: the whole model on --device."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) of a hub model; checkpoints of one training run."""
+    trust_remote_code: bool = False
+    """Run model code shipped in the model's repository (transformers' flag of that name)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise RegionsError(f"model {self.model!r} is empty: give an embedded name "
+                               f"({', '.join(sorted(EMBEDDED))}), a local folder or a hub id")
+        if self.dtype not in DTYPES:
+            raise RegionsError(f"dtype '{self.dtype}' is not one of {DTYPES}."
+                               + did_you_mean(str(self.dtype), DTYPES))
+        if self.device != "auto":
+            import torch
+
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError):
+                raise RegionsError(f"device '{self.device}' is not a torch device; expected "
+                                   "cpu, cuda, cuda:N, mps or auto") from None
+        if self.device_map == "":
+            self.device_map = None
+
+    def resolved_device(self) -> str:
+        """The device to use: ``auto`` becomes cuda when available, else cpu; a CUDA device on
+        a machine without one is an error naming it."""
+        import torch
+
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise RegionsError(f"device '{self.device}' was asked for, but torch sees no CUDA "
+                               "device here; use --device cpu (or auto)")
+        return self.device
+
+    def path(self) -> str:
+        """Local folder of an embedded model (converted once), else ``model`` unchanged."""
+        return resolve_pretrained(self.model)
+
+    def hf_model_args(self) -> dict[str, Any]:
+        """The same settings as lm-eval ``hf`` model_args."""
+        args: dict[str, Any] = {"pretrained": self.path(), "dtype": self.dtype,
+                                "trust_remote_code": self.trust_remote_code}
+        if self.device_map:
+            args.update(parallelize=True, device_map=self.device_map)
+        else:
+            args["device"] = self.resolved_device()
+        if self.revision:
+            args["revision"] = self.revision
+        return args
+
+
+def load_model(config: ModelConfig | str = DEFAULT_MODEL, **overrides: Any):
+    """``(model, tokenizer)`` in eval mode, from a :class:`ModelConfig` or a model name (plus
+    field overrides, e.g. ``load_model("gemma-3-270m", dtype="bfloat16")``). A name alone
+    loads fp32 on the CPU, as before ``device="auto"`` existed."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if isinstance(config, str):
+        config = ModelConfig(model=config, **{"device": "cpu", **overrides})
+    elif overrides:
+        from dataclasses import replace
+
+        config = replace(config, **overrides)
+    path = config.path()
+    if not Path(path).exists() and "/" not in path:
+        raise RegionsError(f"model '{config.model}' is neither an embedded model nor a local "
+                           "folder." + did_you_mean(config.model, EMBEDDED)
+                           + f" Embedded: {sorted(EMBEDDED)}")
+    kw: dict[str, Any] = {"trust_remote_code": config.trust_remote_code}
+    if config.revision:
+        kw["revision"] = config.revision
+    tok = AutoTokenizer.from_pretrained(path, **kw)
+    if config.device_map:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, config.dtype),
+                                                     device_map=config.device_map, **kw)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, config.dtype),
+                                                     **kw).to(config.resolved_device())
+    model.eval()
+    return model, tok

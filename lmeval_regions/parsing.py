@@ -1,0 +1,81 @@
+"""Parsing of the small text forms users type: comma lists, ``KEY=VALUE`` pairs, number lists.
+
+One implementation each, used by the CLI generator, ``hf-regions`` model_args and the studies;
+every error names the text and the expected form.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, TypeVar
+
+from .errors import RegionsError
+
+T = TypeVar("T")
+
+
+def csv_list(text: "str | Iterable[Any] | None", convert: Callable[[str], T] = str,  # type: ignore[assignment]
+             what: str = "list") -> list[T]:
+    """``"a, b,,c"`` -> ``["a", "b", "c"]`` (items stripped, empties dropped), each passed through
+    ``convert``; a list or tuple (from a YAML config) is converted item by item; None -> ``[]``."""
+    if text is None:
+        return []
+    items = [str(t).strip() for t in text] if not isinstance(text, str) else \
+        [t.strip() for t in text.split(",")]
+    out = []
+    for item in items:
+        if not item:
+            continue
+        try:
+            out.append(convert(item))
+        except (TypeError, ValueError):
+            name = getattr(convert, "__name__", "value")
+            raise RegionsError(f"{what} '{text}': item '{item}' is not a valid {name} "
+                               f"(expected comma-separated {name} values)") from None
+    return out
+
+
+def int_list(text: "str | Iterable[Any] | None", what: str = "list") -> list[int]:
+    """Comma-separated integers, e.g. ``"1,3,5,10"``."""
+    return csv_list(text, int, what)
+
+
+def float_list(text: "str | Iterable[Any] | None", what: str = "list") -> list[float]:
+    """Comma-separated numbers, e.g. ``"0.01,0.03"``."""
+    return csv_list(text, float, what)
+
+
+def pairs(text: "str | Iterable[str] | None", what: str = "list",
+          example: str = "ar=imp.ar.safetensors") -> list[tuple[str, str]]:
+    """``"a=x,b=y"`` -> ``[("a", "x"), ("b", "y")]`` in order (keys may repeat)."""
+    out = []
+    for item in csv_list(text, what=what):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise RegionsError(f"{what} item '{item}' is not KEY=VALUE (e.g. {example})")
+        out.append((key.strip(), value.strip()))
+    return out
+
+
+def typed_value(text: str) -> Any:
+    """``"3"`` -> 3, ``"0.5"`` -> 0.5, ``"true"``/``"false"`` -> bool, ``"none"`` -> None, else
+    the text (how ``KEY=VALUE`` model arguments are typed, as lm-eval's CLI does)."""
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low == "none":
+        return None
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    return text
+
+
+def key_values(text: "str | dict[str, Any] | None", what: str = "arguments") -> dict[str, Any]:
+    """``"dtype=bfloat16,trust_remote_code=true"`` -> typed dict (a dict passes through)."""
+    if text is None:
+        return {}
+    if isinstance(text, dict):
+        return dict(text)
+    return {k: typed_value(v) for k, v in pairs(text, what=what, example="dtype=bfloat16")}

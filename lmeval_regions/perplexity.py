@@ -1,0 +1,78 @@
+"""Perplexity, computed one way everywhere.
+
+* :func:`ppl_from_sums` -- ``exp(Σ NLL / Σ tokens)``, saturating to inf (a broken model's
+  perplexity overflows a float); the lm-eval tasks pool their sums with it too;
+* :func:`perplexity` -- the direct computation: each text one window of at most ``max_length``
+  tokens, the first token conditioning only, every later token scored;
+* :func:`perplexities` / :func:`make_evaluator` -- per language and pooled over languages
+  (what ``apply``, the dimension studies, the neuron table and the training recipe report).
+
+Evaluation through lm-eval (``hf-regions`` + our perplexity tasks) gives the same figures on the
+same windows (tests/test_tasks.py checks it); use it for anything published.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Mapping
+
+import torch
+
+from lmeval_regions.corpora.batches import batches
+
+
+def ppl_from_sums(nll: float, tokens: float) -> float:
+    """``exp(nll / tokens)``: inf on overflow, nan without tokens."""
+    if not tokens:
+        return float("nan")
+    try:
+        return math.exp(nll / tokens)
+    except OverflowError:
+        return math.inf
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, texts: list[str], max_length: int = 256,
+               batch_size: int = 1) -> dict[str, float]:
+    """Token perplexity of ``texts`` under ``model``: ``{"ppl", "nll", "tokens"}``.
+
+    Each text is one window truncated to ``max_length`` tokens (as :func:`corpora.batches`
+    tokenises it); the first token is conditioning only. Logits are taken in fp32.
+    """
+    nll = 0.0
+    n = 0
+    device = next(model.parameters()).device
+    for b in batches(tokenizer, texts, batch_size, max_length):
+        b = {k: v.to(device) for k, v in b.items()}
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        logp = torch.log_softmax(logits[:, :-1].float(), -1)
+        tgt = b["labels"][:, 1:]
+        mask = tgt != -100
+        tok_lp = logp.gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        nll -= float(tok_lp[mask].sum())
+        n += int(mask.sum())
+    return {"ppl": ppl_from_sums(nll, n), "nll": nll, "tokens": n}
+
+
+def perplexities(model, tokenizer, texts: Mapping[str, list[str]], max_length: int = 256,
+                 batch_size: int = 1) -> dict[str, Any]:
+    """Per-language and pooled perplexity of ``texts`` (``lang -> texts``):
+    ``{"ppl": pooled, "ppl_per_lang": {lang: ppl}, "nll": Σ, "tokens": Σ}``."""
+    per, nll, n = {}, 0.0, 0
+    for lang, tx in texts.items():
+        r = perplexity(model, tokenizer, tx, max_length, batch_size)
+        per[lang] = r["ppl"]
+        nll += r["nll"]
+        n += r["tokens"]
+    return {"ppl": ppl_from_sums(nll, n), "ppl_per_lang": per, "nll": nll, "tokens": n}
+
+
+def make_evaluator(model, tokenizer, texts: Mapping[str, list[str]], max_length: int = 256,
+                   batch_size: int = 4) -> Callable[[], dict[str, Any]]:
+    """A callable giving :func:`perplexities` of ``texts`` with the model as it is now (for
+    studies that evaluate after each edit)."""
+    def evaluate() -> dict[str, Any]:
+        r = perplexities(model, tokenizer, texts, max_length, batch_size)
+        return {"ppl": r["ppl"], "ppl_per_lang": r["ppl_per_lang"]}
+
+    return evaluate
