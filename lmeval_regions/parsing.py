@@ -44,14 +44,15 @@ def float_list(text: "str | Iterable[Any] | None", what: str = "list") -> list[f
     return csv_list(text, float, what)
 
 
-def pairs(text: "str | Iterable[str] | None", what: str = "list",
+def pairs(text: "str | Iterable[str] | None", what: str = "list", form: str = "KEY=VALUE",
           example: str = "ar=imp.ar.safetensors") -> list[tuple[str, str]]:
-    """``"a=x,b=y"`` -> ``[("a", "x"), ("b", "y")]`` in order (keys may repeat)."""
+    """``"a=x,b=y"`` -> ``[("a", "x"), ("b", "y")]`` in order (keys may repeat); ``form``
+    names the expected shape in the error (e.g. ``LANG=FILE``)."""
     out = []
     for item in csv_list(text, what=what):
         key, sep, value = item.partition("=")
         if not sep or not key.strip() or not value.strip():
-            raise RegionsError(f"{what} item '{item}' is not KEY=VALUE (e.g. {example})")
+            raise RegionsError(f"{what} item '{item}' is not {form} (e.g. {example})")
         out.append((key.strip(), value.strip()))
     return out
 
@@ -73,9 +74,20 @@ def typed_value(text: str) -> Any:
 
 
 def key_values(text: "str | dict[str, Any] | None", what: str = "arguments") -> dict[str, Any]:
-    """``"dtype=bfloat16,trust_remote_code=true"`` -> typed dict (a dict passes through)."""
+    """``"dtype=bfloat16,trust_remote_code=true"`` -> typed dict; a JSON object
+    (``'{"text_path": "x.jsonl"}'``) is read as JSON; a dict passes through."""
     if text is None:
         return {}
     if isinstance(text, dict):
         return dict(text)
+    if text.strip().startswith("{"):
+        import json
+
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise RegionsError(f"{what} '{text}' is not valid JSON: {e}") from None
+        if not isinstance(doc, dict):
+            raise RegionsError(f"{what} '{text}' must be a JSON object")
+        return doc
     return {k: typed_value(v) for k, v in pairs(text, what=what, example="dtype=bfloat16")}

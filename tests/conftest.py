@@ -145,7 +145,7 @@ def gemma_core_importance(gemma, shared_data) -> Path:
 
     from lmeval_regions.artefacts import file_digest, model_fingerprint
     from lmeval_regions.corpora import batches, load_parallel
-    from lmeval_regions.importance import Importance, ImportanceConfig, combine, compute_importance
+    from lmeval_regions.importance import ImportanceConfig, combine, compute_importance
     from lmeval_regions.cache import cache_dir
 
     model, tok = gemma

@@ -124,7 +124,7 @@ def test_apply_evaluates_and_saves(tiny_lm_dir, texts, imp_files, tmp_path, caps
     top = tmp_path / "top.safetensors"
     main(["extract", "--importance", str(imp_files), "--ratio", "0.05", "--out", str(top)])
     js = tmp_path / "ppl.json"
-    rc = main(["apply", "--model", str(tiny_lm_dir), "--texts", str(texts), "--skip", "3",
+    rc = main(["apply", "--model", str(tiny_lm_dir), "--texts", str(texts), "--eval-start", "3",
                "--eval-langs", "en,fr", "--edit",
                f"{top}@zero;model.layers.0.input_layernorm.weight[3]@constant:1",
                "--save", str(tmp_path / "edited"), "--json", str(js), "--quiet"])
@@ -157,7 +157,7 @@ def test_apply_evaluates_and_saves(tiny_lm_dir, texts, imp_files, tmp_path, caps
     (["monolingual", "--importance", "en=IMP", "--out-dir", "d"], r"at least two languages"),
     (["monolingual", "--importance", "IMP,fr=IMP", "--out-dir", "d"], r"is not LANG=FILE"),
     (["stats", "IMP"], r"holds a 'importance' artefact, expected 'region'"),
-    (["apply", "--edit", "x.safetensors"], r"nothing to do"),
+    (["apply", "--edit", "x.safetensors", "--no-evaluate"], r"nothing to do"),
 ])
 def test_cli_errors_exit_2(argv, match, imp_files, tmp_path, capsys):
     argv = [str(imp_files) if a == "IMP" else a for a in argv]

@@ -11,7 +11,7 @@ from lmeval_regions.cli import main
 def test_demo_quick_tiny(tiny_lm_dir, shared_data, tmp_path, capsys):
     out = tmp_path / "demo"
     argv = ["demo", "--quick", "--model", str(tiny_lm_dir), "--out", str(out),
-            "--train-langs", "ar,es,ru", "--eval-langs", "ar,es,en",
+            "--langs", "ar,es,ru", "--eval-langs", "ar,es,en",
             "--mono-eval-langs", "ar,es,ru,en", "--texts",
             str(shared_data / "udhr_parallel_31.jsonl")]
     assert main(argv) == 0

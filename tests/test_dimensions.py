@@ -3,7 +3,6 @@ shapes, outliers, perturbations and plots."""
 
 from __future__ import annotations
 
-import argparse
 
 import pytest
 import torch
@@ -14,7 +13,6 @@ from lmeval_regions.dimensions import (SETTINGS, dimension_counts, hidden_dim_ra
                                        hidden_dims_region, removal_table, select_dims,
                                        structured_region)
 from lmeval_regions.errors import RegionsError
-from lmeval_regions.interventions import Editor
 from lmeval_regions.models import find_module_map
 from lmeval_regions.dimensions import OutlierConfig, find_outliers
 from lmeval_regions.studies.region_plots import (neighbourhood_density, plot_distribution,
@@ -304,14 +302,16 @@ def test_plots_write_pngs(tmp_path, arch):
 
 
 def test_cli_registers_subcommands():
-    from lmeval_regions.cli.commands import dims as commands_dims
+    from lmeval_regions.cli.main import build_parser, commands
+    from lmeval_regions.cli.options import build_sections
 
-    p = argparse.ArgumentParser()
-    commands_dims.register(p.add_subparsers(dest="command"))
-    a = p.parse_args(["dims-report", "--out", "x", "--n-dims", "1,3"])
-    assert a.func is commands_dims.run_report and a.n_dims == "1,3"
-    with pytest.raises(RegionsError, match="integers"):
-        commands_dims._ints("1,x")
+    cmd = {c.name: c for c in commands()}["dims-report"]
+    ns = build_parser().parse_args(["dims-report", "--out", "x", "--n-dims", "1,3"])
+    assert ns._command is cmd
+    assert build_sections(cmd.sections, ns)["report"].n_dims == (1, 3)
+    bad = build_parser().parse_args(["dims-report", "--out", "x", "--n-dims", "1,x"])
+    with pytest.raises(RegionsError, match="'x' is not a valid int"):
+        build_sections(cmd.sections, bad)
 
 
 def test_dims_report_command_tiny(tiny_lm_dir, tmp_path):
@@ -322,7 +322,7 @@ def test_dims_report_command_tiny(tiny_lm_dir, tmp_path):
     from lmeval_regions.cli import main
 
     out = tmp_path / "dims"
-    argv = ["dims-report", "--model", str(tiny_lm_dir), "--langs", "en,fr", "--train-units", "2",
+    argv = ["dims-report", "--model", str(tiny_lm_dir), "--langs", "en,fr", "--units", "2",
             "--eval-units", "1", "--outlier-units", "1", "--n-dims", "1,2", "--top-dims", "2",
             "--new-tokens", "3", "--max-length", "32", "--ratio", "0.05", "--out", str(out)]
     assert main(argv) == 0

@@ -148,7 +148,7 @@ def test_table_command_tiny_grid(tiny_lm_dir, shared_data, tmp_path):
     out = tmp_path / "table"
     rc = main(["table", "--model", str(tiny_lm_dir), "--importance", str(tmp_path / "imp.safetensors"),
                "--methods", "top,random", "--ratios", "0.05", "--tasks", "tiny_ppl_en,tiny_ppl_fr",
-               "--include_path", str(tasks), "--metric", "word_perplexity", "--out", str(out)])
+               "--include-path", str(tasks), "--metric", "word_perplexity", "--out", str(out)])
     assert rc == 0
     table = json.loads((out / "table.json").read_text())
     assert table["columns"] == ["Base", "Top 5%", "Random 5%"]

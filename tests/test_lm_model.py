@@ -7,7 +7,7 @@ import torch
 
 from lm_eval_helpers import TASK, sample_loglikelihoods, udhr_texts, write_ppl_task
 from lmeval_regions.errors import RegionsError
-from lmeval_regions.regions import from_specs, select
+from lmeval_regions.regions import select
 
 SPEC = "model.layers.0.mlp.down_proj.weight[:, 5];model.layers.1.input_layernorm.weight[3]"
 

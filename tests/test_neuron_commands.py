@@ -16,8 +16,8 @@ LANGS = "en,fr,de,es,it,pt,nl"
 
 def _args(model, data, out, *extra):
     return ["neurons", "--model", str(model), "--langs", LANGS, "--units", "6",
-            "--max-length", "64", "--batch-size", "7", "--data", str(data), "--out", str(out),
-            "--table-langs", "en,fr", "--eval-units", "2", *extra]
+            "--max-length", "64", "--batch-size", "7", "--texts", str(data), "--out", str(out),
+            "--eval-langs", "en,fr", "--eval-units", "2", *extra]
 
 
 def test_neurons_lm_eval_path_matches_direct(tiny_lm_dir, shared_data, tmp_path):
@@ -50,9 +50,9 @@ def test_neuron_sweep_tabulates_each_model(tiny_lm_dir, shared_data, tmp_path):
     AutoTokenizer.from_pretrained(tiny_lm_dir).save_pretrained(other)
 
     out = tmp_path / "sweep"
-    argv = ["neuron-sweep", "--models", str(tiny_lm_dir), str(other), "--langs", LANGS,
+    argv = ["neuron-sweep", "--models", f"{tiny_lm_dir},{other}", "--langs", LANGS,
             "--units", "6", "--max-length", "64", "--batch-size", "7",
-            "--data", str(shared_data / "udhr_parallel_31.jsonl"), "--out", str(out)]
+            "--texts", str(shared_data / "udhr_parallel_31.jsonl"), "--out", str(out)]
     assert main(argv) == 0
     rows = json.loads((out / "sweep.json").read_text())
     assert [r["model"] for r in rows] == [str(tiny_lm_dir), str(other)]

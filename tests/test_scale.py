@@ -13,7 +13,7 @@ from conftest import tiny_model
 from lmeval_regions import regions
 from lmeval_regions.regions import ranking
 from lmeval_regions.errors import ArtefactError
-from lmeval_regions.importance import (Importance, ImportanceAccumulator, ImportanceConfig,
+from lmeval_regions.importance import (Importance, ImportanceConfig,
                                        add_stochastic_bf16, compute_importance)
 from lmeval_regions.importance import merge_shards, save_shard, shard_path, shard_paths
 from lmeval_regions.artefacts import LazyScores, write_safetensors

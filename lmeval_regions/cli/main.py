@@ -1,55 +1,132 @@
-"""``lmeval-regions``: a thin command line over the library.
+"""``lmeval-regions``: the command line, generated from the configuration dataclasses.
 
-Each subcommand lives beside the code it drives: a module listed in :data:`COMMANDS` exposes
-``register(subparsers)``, which adds its parser and sets ``func`` to a callable taking the
-parsed ``argparse.Namespace``. Library errors (:class:`RegionsError`) print as one line and
-exit with status 2.
+Each subcommand is a :class:`Command`: a name, help text with examples, its *sections*
+(``("model", ModelConfig)``, ``("corpus", CorpusConfig)``, its own options...) and a ``run``
+function that receives the built sections. :mod:`.options` turns the sections into flags, so
+every command that loads a model or reads a corpus takes the same flags with the same
+defaults. ``--config FILE`` re-runs from a saved config; after a successful run the sections
+are written next to the command's output (``<out>.config.yaml`` beside a file,
+``<folder>/config.yaml`` in a folder), so any result can be repeated from its folder.
+
+Errors: bad input (:class:`~lmeval_regions.errors.RegionsError`, or an ``OSError`` on a path
+the user gave) prints one line and exits 2; Ctrl-C prints one line and exits 130; ``--debug``
+shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
 
 from lmeval_regions import __version__
+from lmeval_regions.cli.options import (Section, add_sections, build_sections, read_config_file,
+                                        save_run_config)
 from lmeval_regions.errors import RegionsError
 
-# module (relative to lmeval_regions) -> its subcommands are registered by module.register()
-COMMANDS = [
-    "core",     # model-path, importance, extract, setop, stats, monolingual, apply
-    "eval",     # table
-    "dims",     # dims-report, dims, outliers, plot-region
-    "data",     # fetch-udhr, tasks-path
-    "neurons",  # activations, neurons, neuron-sweep (paper 2)
-    "demo",     # demo (paper 1 end to end)
-]
+# Modules under lmeval_regions.cli.commands; each defines COMMANDS: list[Command].
+GROUPS = ["core", "eval", "dims", "neurons", "data", "demo"]
+
+
+@dataclass
+class Command:
+    """One subcommand."""
+
+    name: str
+    help: str
+    description: str
+    """Shown by ``--help``: what it does, then ``example:`` lines."""
+    sections: list[Section]
+    run: Callable[[dict[str, Any]], "int | None"]
+    output: Callable[[dict[str, Any]], "Path | None"] | None = None
+    """Where the run's config is saved: a file (config beside it) or a folder (config inside)."""
+
+
+def commands() -> list[Command]:
+    out: list[Command] = []
+    for group in GROUPS:
+        out += importlib.import_module(f"lmeval_regions.cli.commands.{group}").COMMANDS
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="lmeval-regions",
-        description="Find, inspect, ablate and protect the linguistic regions of LLMs. "
-                    "Flow: importance -> extract (regions) -> lm_eval with --model hf-regions.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+        description="Find, inspect, ablate and protect the linguistic regions of LLMs.\n"
+                    "Flow: importance -> extract (regions) -> lm_eval --model hf-regions.\n"
+                    "Every subcommand takes --config FILE (a saved run config) and --debug.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for mod in COMMANDS:
-        importlib.import_module(f"lmeval_regions.cli.commands.{mod}").register(sub)
+    for cmd in commands():
+        sp = sub.add_parser(cmd.name, help=cmd.help, description=cmd.description,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+        sp.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
+                        help="YAML/JSON run config (as written beside every output); flags "
+                             "given here override its values")
+        sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the traceback of an error")
+        sp.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS,
+                        help="no progress bars")
+        add_sections(sp, cmd.sections)
+        sp.set_defaults(_command=cmd)
     return p
+
+
+def run_command(cmd: Command, ns: argparse.Namespace) -> int:
+    """Build the sections (config file, then flags), run, and save the config beside the output."""
+    given = {k: v for k, v in vars(ns).items() if "." in k}  # section.field flags only
+    file_doc = None
+    if "config" in vars(ns):
+        file_doc = read_config_file(ns.config)
+        named = file_doc.get("command", cmd.name)
+        if named != cmd.name:
+            raise RegionsError(f"--config '{ns.config}' is a config of '{named}', not of "
+                               f"'{cmd.name}'; run `lmeval-regions {named} --config {ns.config}`")
+    sections = build_sections(cmd.sections, argparse.Namespace(**given), file_doc,
+                              source=f"--config {ns.config}" if file_doc is not None else "")
+    code = cmd.run(sections)
+    target = cmd.output(sections) if cmd.output else None
+    if target is not None:
+        saved = save_run_config(target, cmd.name, sections)
+        print(f"config: {saved}")
+    return int(code or 0)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    ns = parser.parse_args(argv)
+    cmd: Command = ns._command
+    debug = getattr(ns, "debug", False)
+    if getattr(ns, "quiet", False):
+        os.environ["TQDM_DISABLE"] = "1"  # tqdm >= 4.66 reads it for every bar
     try:
-        out = args.func(args)
-    except RegionsError as e:
-        print(f"lmeval-regions {args.command}: error: {e}", file=sys.stderr)
+        return run_command(cmd, ns)
+    except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
+        print(f"lmeval-regions {cmd.name}: interrupted", file=sys.stderr)
+        return 130
+    except (RegionsError, OSError) as e:
+        if debug:
+            traceback.print_exc()
+        print(f"lmeval-regions {cmd.name}: error: {_one_line(e)}", file=sys.stderr)
         return 2
-    return int(out or 0)
+
+
+def _one_line(e: BaseException) -> str:
+    """A short message: OSErrors as 'strerror: filename', others as their text (capped)."""
+    if isinstance(e, OSError) and not isinstance(e, RegionsError) and e.strerror:
+        text = f"{e.strerror}: '{e.filename}'" if e.filename else e.strerror
+    else:
+        text = str(e)
+    return text if len(text) <= 2000 else text[:2000] + " ..."
 
 
 if __name__ == "__main__":

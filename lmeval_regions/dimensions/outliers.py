@@ -29,8 +29,8 @@ from lmeval_regions.models.module_map import ModuleMap, find_module_map
 class OutlierConfig:
     """Thresholds of the two detectors."""
 
-    ratio: float = 100.0
-    """Massive activation: max |h| of a dim >= ``ratio`` x the layer's median |h|."""
+    ratio: float = field(default=100.0, metadata={"flag": "outlier-ratio"})
+    """Massive activation: max |h| of a dim >= this many times the layer's median |h|."""
     min_layers: int = 1
     """A dim is reported when it is an outlier in at least this many layers."""
     norm_z: float = 10.0

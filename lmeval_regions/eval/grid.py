@@ -29,6 +29,35 @@ from lmeval_regions.interventions import Intervention
 from lmeval_regions.models import resolve_pretrained
 from lmeval_regions.regions import METHODS, check_ratio, select_from_importance
 
+@dataclass
+class LmEvalConfig:
+    """How lm-eval runs the tasks (the same for every condition of a grid)."""
+
+    limit: float | None = None
+    """Documents per task (lm-eval --limit; a value < 1 is a fraction); default all."""
+    eval_batch_size: str = "1"
+    """lm-eval's batch size (an integer or auto)."""
+    model_args: dict[str, Any] = field(default_factory=dict)
+    """Extra hf model_args, KEY=VALUE,... (e.g. add_bos_token=False, max_length=512)."""
+    include_path: str | None = None
+    """An extra folder of task YAMLs (ours are always included)."""
+    metadata: dict[str, Any] = field(default_factory=dict)
+    """Task metadata, JSON or KEY=VALUE,... (e.g. '{"text_path": "/data/x.jsonl"}' for
+    text_ppl, udhr_heldout_start=0)."""
+
+    def __post_init__(self) -> None:
+        if self.limit is not None and not self.limit > 0:
+            raise RegionsError(f"--limit {self.limit} must be > 0 (documents per task, or a "
+                               "fraction below 1)")
+        bs = str(self.eval_batch_size)
+        if bs != "auto" and not (bs.isdigit() and int(bs) > 0):
+            raise RegionsError(f"--eval-batch-size '{bs}' must be a positive integer or auto")
+
+    def batch_size(self) -> int | str:
+        bs = str(self.eval_batch_size)
+        return bs if bs == "auto" else int(bs)
+
+
 PREFERRED_METRICS = ("token_perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte",
                      "acc", "acc_norm", "exact_match")
 

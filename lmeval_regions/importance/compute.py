@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Literal, Mapping
 
 import torch
 from torch import nn
@@ -25,7 +25,8 @@ class ImportanceConfig:
     """Glob patterns of parameter names (``re:`` for regex); None = 2-D weights in blocks."""
     include_norms: bool = False
     """Also score 1-D norm weights inside blocks (paper 1's code kept them)."""
-    dtype: str = "float32"
+    dtype: Literal["float32", "bfloat16"] = field(default="float32",
+                                                  metadata={"flag": "accumulator-dtype"})
     """Accumulator dtype: ``float32`` (default) or ``bfloat16`` (stochastic rounding, 7B scale)."""
 
     def __post_init__(self) -> None:

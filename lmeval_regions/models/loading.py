@@ -28,8 +28,8 @@ class ModelConfig:
     """Torch device: cpu, cuda, cuda:N, mps, or auto (cuda when available, else cpu). Not used
     with device_map."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Dtype of the weights; bfloat16 on GPUs. Importance accumulates in fp32 (or stochastic-
-    rounding bf16) whatever this is."""
+    """Dtype of the weights; bfloat16 on GPUs. Importance accumulates in fp32 (or in bf16 with
+    stochastic rounding) whatever this is."""
     device_map: str | None = None
     """accelerate device map for a model larger than one GPU (e.g. auto: layers spread over
     the visible GPUs, then CPU); empty: the whole model on --device."""

@@ -13,11 +13,11 @@ from lmeval_regions.regions.analysis import (distribution, jaccard, layer_index,
 from lmeval_regions.regions.ranking import (METHODS, check_ratio, n_select, seed_for,
                                             select_flat, select_global)
 from lmeval_regions.regions.region import KIND, Region, index_dtype
-from lmeval_regions.regions.selection import (SCOPES, Method, Scope, select, select_file,
-                                              select_from_importance)
+from lmeval_regions.regions.selection import (SCOPES, Method, Scope, SelectionConfig, select,
+                                              select_file, select_from_importance)
 from lmeval_regions.regions.specs import from_specs
 
-__all__ = ["KIND", "METHODS", "Method", "Region", "SCOPES", "Scope", "check_ratio",
+__all__ = ["KIND", "METHODS", "Method", "Region", "SCOPES", "Scope", "SelectionConfig", "check_ratio",
            "distribution", "from_specs", "index_dtype", "jaccard", "layer_index",
            "monolingual", "n_select", "overlap", "seed_for", "select", "select_file",
            "select_flat", "select_from_importance", "select_global"]

@@ -4,6 +4,7 @@ row, or globally, from scores in memory or read tensor by tensor from an artefac
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any, Iterable, Literal, Mapping
 
 import torch
@@ -17,6 +18,23 @@ from lmeval_regions.regions.region import Region, index_dtype
 Method = Literal["top", "bottom", "middle", "random"]
 Scope = Literal["matrix", "row", "global"]
 SCOPES = ("matrix", "row", "global")
+
+
+@dataclass
+class SelectionConfig:
+    """How a ratio is applied when a region is selected (the method and ratio are the
+    command's own)."""
+
+    scope: Scope = "matrix"
+    """Unit the ratio applies to: each parameter matrix (paper 1: "N equals 3% of each parameter
+    matrix"), each row, or all scored entries at once (global)."""
+    seed: int = 0
+    """Seed of Random selection (drawn per parameter, by name: order-independent)."""
+
+    def __post_init__(self) -> None:
+        if self.scope not in SCOPES:
+            raise RegionsError(f"selection scope '{self.scope}' is not one of {SCOPES}."
+                               + did_you_mean(str(self.scope), SCOPES))
 
 
 def select(

