@@ -37,6 +37,10 @@ PAPER1_TABLE5_LANGS: tuple[str, ...] = ("ar", "zh", "it", "ja", "ko", "fa", "pt"
 PAPER2_LANGS: tuple[str, ...] = ("en", "zh", "fr", "es", "pt", "ar", "vi", "hi", "id")
 """Paper 2's nine evaluation languages (its Table 1; all in the UDHR file)."""
 
+LAPE_RELEASE_LANGS: tuple[str, ...] = ("en", "zh", "fr", "es", "vi", "id", "ja")
+"""Language order of the LAPE release's published neuron files (``*.neuron.pth``, per its
+README; Tang et al., 2024); the release's ``ppl.py`` pairs BLOOM's file with the first six."""
+
 DEFAULT_RATIO = 0.01
 """Region size per matrix used throughout paper 1 (Top/Bottom/Random 1%)."""
 

@@ -64,6 +64,6 @@ def test_neuron_sweep_tabulates_each_model(tiny_lm_dir, shared_data, tmp_path):
         acts = Activations.load(out / f"activations-{i}.safetensors")
         got = N.lrds_sads(N.similarity(acts), acts.langs, acts.ids)
         assert r["lrds"] == pytest.approx(got["lrds"]) and r["sads"] == pytest.approx(got["sads"])
-        assert r["sklr"] == N.key_neurons(acts, 2.0).sklr
+        assert r["sklr"] == N.key_neurons(acts).sklr
     assert rows[0]["lrds"] != rows[1]["lrds"]
     assert "| model | LRDS |" in (out / "sweep.md").read_text()

@@ -2,18 +2,30 @@
 
 The *neurons* of a block are the channels of its down projection's input (act(gate)*up for
 gated MLPs such as Llama/Gemma, act(fc) for BLOOM/GPT-style MLPs), found by structure with
-:func:`~lmeval_regions.architecture.find_layout`. A forward-pre hook on every down projection
-mean-pools that input over each sample's non-pad tokens (paper 2 Eq. 5) and, for LAPE
-(Tang et al., 2024), counts the fraction of tokens where each neuron is positive.
+:func:`~lmeval_regions.models.architecture.find_layout`. A forward-pre hook on every down
+projection mean-pools that input over each sample's non-pad tokens (paper 2 Eq. 5: paper 2's
+release reads the input of ``mlp.down_proj`` for Llama).
+
+For LAPE (Tang et al., 2024) the capture also counts, per neuron, the fraction of tokens where
+it is *active* (> 0) at :attr:`ActivationConfig.lape_site`:
+
+* ``act`` (default, as the LAPE release): the output of the MLP's activation function, i.e.
+  act(gate) in a gated MLP (the release counts ``silu(gate) > 0``; its maintainers confirm
+  "gate values") and act(fc) in a plain one; the module is found by structure
+  (:func:`~lmeval_regions.models.architecture.find_mlp_activations`);
+* ``down_input``: the down projection's input act(gate)*up (what this library counted before;
+  for plain MLPs both sites are the same tensor).
 
 Artefact (kind ``"activations"``), one entry per sample, keyed by ``{lang}/{unit id}``::
 
     "{lang}/{id}"         (layers, neurons) fp32   mean activation over the sample's tokens
-    "{lang}/{id}.active"  (layers, neurons) fp32   fraction of tokens with activation > 0
+    "{lang}/{id}.active"  (layers, neurons) fp32   fraction of tokens > 0 at ``active_site``
     "{lang}/{id}.tokens"  ()                int64  number of tokens pooled
 
 metadata: ``languages``, ``ids`` (``lang -> [id, ...]``), model fingerprint, ``layers``
-(down-projection module names), ``neurons`` (per layer), ``max_length``, ``site``.
+(down-projection module names), ``neurons`` (per layer), ``max_length``, ``site`` (of the
+means, :data:`SITE`), ``active``, ``active_site`` (:data:`ACT_SITE` or :data:`SITE`),
+``active_modules`` (the hooked module per layer) and ``gated``.
 
 Samples are written as soon as their batch is done (the safetensors header is laid out
 first, then the data streamed into a temporary file that replaces the target at the end), so
@@ -26,7 +38,7 @@ import json
 import os
 import struct
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Literal, Mapping
 
 import torch
 from torch import nn
@@ -36,11 +48,15 @@ from lmeval_regions.artefacts import (METADATA_KEY, atomic_path, check_fingerpri
                                       model_fingerprint, read_metadata)
 from lmeval_regions.corpora.batches import batches
 from lmeval_regions.errors import ArtefactError, RegionsError
-from lmeval_regions.models.architecture import find_layout
+from lmeval_regions.models.architecture import find_layout, find_mlp_activations
 
 KIND = "activations"
 SITE = "mlp.down_proj.input"
 """Where neurons are read: the input of each block's MLP down projection."""
+ACT_SITE = "mlp.act.output"
+"""The output of each block's MLP activation function: act(gate) (gated) or act(fc) (plain)."""
+LAPE_SITES = {"act": ACT_SITE, "down_input": SITE}
+"""Values of :attr:`ActivationConfig.lape_site` and the site each one names."""
 
 
 @dataclass
@@ -53,34 +69,55 @@ class ActivationConfig:
     """Tokens per sample (longer units are truncated)."""
     active: bool = True
     """Also record, per neuron, the fraction of tokens where it is > 0 (needed by LAPE)."""
+    lape_site: Literal["act", "down_input"] = "act"
+    """Where a neuron counts as active (> 0) for LAPE: ``act`` = the MLP activation's output,
+    act(gate) in gated MLPs (the LAPE release); ``down_input`` = the down projection's input
+    act(gate)*up. Plain MLPs (BLOOM, GPT-2): both are act(fc)."""
 
     def __post_init__(self) -> None:
+        if self.lape_site not in LAPE_SITES:
+            raise RegionsError(f"lape_site '{self.lape_site}' is not one of {list(LAPE_SITES)}")
         if int(self.batch_size) < 1:
             raise RegionsError(f"batch_size must be >= 1, got {self.batch_size}")
         if int(self.max_length) < 2:
             raise RegionsError(f"max_length must be >= 2 tokens, got {self.max_length}")
 
 
-class _PoolHook:
-    """Forward-pre hook storing the masked mean (and positive fraction) of a layer's input.
+class _Pool:
+    """Masked mean and/or positive fraction over tokens of a ``(batch, seq, neurons)`` tensor.
 
-    ``mask``: ``(batch, seq)`` float on the model's device, set before each forward.
+    :meth:`pre` is a forward-pre hook (pools the module's input), :meth:`post` a forward hook
+    (pools its output). ``mask``: ``(batch, seq)`` on the model's device, set before each
+    forward; ``calls`` counts the module's calls, so a module run twice per forward is caught.
     """
 
-    def __init__(self, active: bool):
-        self.active = active
+    def __init__(self, name: str, width: int, mean: bool, active: bool):
+        self.name, self.width = name, width
+        self.want_mean, self.want_active = mean, active
         self.mask: torch.Tensor | None = None
         self.mean: torch.Tensor | None = None    # (batch, neurons) fp32
         self.pos: torch.Tensor | None = None     # (batch, neurons) fp32
+        self.calls = 0
 
-    def __call__(self, module: nn.Module, args: tuple) -> None:
-        x = args[0].detach()
-        m = self.mask.to(x.dtype).unsqueeze(-1)              # (B, T, 1)
+    def _take(self, x: torch.Tensor) -> None:
+        self.calls += 1
+        if x.dim() != 3 or x.shape[-1] != self.width:
+            raise RegionsError(f"'{self.name}' carries a tensor of shape {tuple(x.shape)}; "
+                               f"expected (batch, seq, {self.width} neurons)")
+        x = x.detach()
+        m = self.mask.to(x.dtype).unsqueeze(-1)                  # (B, T, 1)
         n = self.mask.sum(1, keepdim=True).clamp(min=1).float()  # (B, 1)
         # bmm keeps the pooling one fused op: (B, 1, T) @ (B, T, I) -> (B, 1, I)
-        self.mean = torch.bmm(m.transpose(1, 2), x).squeeze(1).float() / n
-        if self.active:
+        if self.want_mean:
+            self.mean = torch.bmm(m.transpose(1, 2), x).squeeze(1).float() / n
+        if self.want_active:
             self.pos = torch.bmm(m.transpose(1, 2), (x > 0).to(x.dtype)).squeeze(1).float() / n
+
+    def pre(self, module: nn.Module, args: tuple) -> None:
+        self._take(args[0])
+
+    def post(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        self._take(output)
 
 
 def _header(entries: list[tuple[str, str, list[int]]], meta: dict[str, Any]) -> tuple[bytes, dict]:
@@ -123,9 +160,22 @@ def capture(
     for lang, lst in ids.items():
         if len(set(lst)) != len(lst):
             raise RegionsError(f"language '{lang}' has duplicate unit ids")
+    # Means are always read at the down projection's input; the active fraction at lape_site.
+    means = [_Pool(n, I, mean=True, active=False) for n in layout.down_proj]
+    actives, gated, active_modules = [], None, None
+    if config.active and config.lape_site == "act":
+        found = find_mlp_activations(model, layout)
+        active_modules, gated = found.modules, found.gated
+        actives = [_Pool(n, I, mean=False, active=True) for n in active_modules]
+    elif config.active:
+        active_modules, actives = list(layout.down_proj), means
+        for p in means:
+            p.want_active = True
     meta = {"kind": KIND, "library_version": __version__, "languages": list(corpus), "ids": ids,
             "model": model_fingerprint(model), "layers": layout.down_proj, "neurons": I,
-            "max_length": config.max_length, "site": SITE, "active": config.active}
+            "max_length": config.max_length, "site": SITE, "active": config.active,
+            "active_site": LAPE_SITES[config.lape_site] if config.active else None,
+            "active_modules": active_modules, "gated": gated}
     entries = []
     for lang, lst in ids.items():
         for i in lst:
@@ -137,7 +187,7 @@ def capture(
     base = len(head)
 
     modules = dict(model.named_modules())
-    hooks = [_PoolHook(config.active) for _ in layout.down_proj]
+    pools = list({id(p): p for p in means + actives}.values())
     handles = []
     device = next(model.parameters()).device
     was_training = model.training
@@ -145,8 +195,11 @@ def capture(
     total = sum(len(v) for v in ids.values())
     done = 0
     try:
-        for name, h in zip(layout.down_proj, hooks):
-            handles.append(modules[name].register_forward_pre_hook(h))
+        for p in means:
+            handles.append(modules[p.name].register_forward_pre_hook(p.pre))
+        if actives is not means:
+            for p in actives:
+                handles.append(modules[p.name].register_forward_hook(p.post))
         with atomic_path(path) as tmp, open(tmp, "wb") as f, torch.no_grad():
             f.write(head)
             for lang, units in corpus.items():
@@ -155,11 +208,15 @@ def capture(
                 start = 0
                 for b in batches(tokenizer, texts, config.batch_size, config.max_length):
                     mask = b["attention_mask"].to(device)
-                    for h in hooks:
-                        h.mask = mask
+                    for p in pools:
+                        p.mask, p.calls = mask, 0
                     model(input_ids=b["input_ids"].to(device), attention_mask=mask)
-                    mean = torch.stack([h.mean for h in hooks], 1).cpu()  # (B, L, I)
-                    pos = torch.stack([h.pos for h in hooks], 1).cpu() if config.active else None
+                    for p in pools:
+                        if p.calls != 1:
+                            raise RegionsError(f"'{p.name}' ran {p.calls} times in one forward "
+                                               f"pass; expected once per layer")
+                    mean = torch.stack([p.mean for p in means], 1).cpu()  # (B, L, I)
+                    pos = torch.stack([p.pos for p in actives], 1).cpu() if actives else None
                     ntok = b["attention_mask"].sum(1)
                     for j in range(mean.shape[0]):
                         key = keys[start + j]
@@ -177,10 +234,49 @@ def capture(
     finally:
         for h in handles:
             h.remove()
-        for h in hooks:
-            h.mask = h.mean = h.pos = None
+        for p in pools:
+            p.mask = p.mean = p.pos = None
         model.train(was_training)
     return meta
+
+
+def _probabilities(active: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Token-weighted share of active tokens over samples: ``(samples, L, I)`` fractions and
+    ``(samples,)`` token counts -> ``(L, I)`` fp32, i.e. LAPE's over_zero / n."""
+    w = tokens.double()
+    return ((active.double() * w[:, None, None]).sum(0) / w.sum()).float()
+
+
+def _active_site(meta: Mapping[str, Any]) -> str | None:
+    if not meta.get("active"):
+        return None
+    # Captures made before the site was recorded counted the down projection's input.
+    return meta.get("active_site") or SITE
+
+
+def activation_probabilities(path: str | os.PathLike, languages: Iterable[str] | None = None
+                             ) -> tuple[list[str], torch.Tensor, str]:
+    """LAPE's activation probabilities read from a capture one language at a time (memory:
+    one language's ``.active`` tensors, whatever the number of languages).
+
+    Returns ``(languages, probs, site)``: ``probs`` is ``(languages, layers, neurons)`` fp32,
+    the share of each language's tokens where the neuron is > 0 at ``site``.
+    """
+    meta = read_metadata(path, KIND)
+    if not meta.get("active"):
+        raise RegionsError(f"'{path}' has no activation probabilities: capture with active=True")
+    langs = list(languages) if languages is not None else list(meta["languages"])
+    out = []
+    for lang in langs:
+        if lang not in meta["ids"]:
+            raise RegionsError(f"language '{lang}' is not in '{path}'; it holds "
+                               f"{meta['languages']}")
+        keys = [f"{lang}/{i}" for i in meta["ids"][lang]]
+        names = [k + suffix for k in keys for suffix in (".active", ".tokens")]
+        t, _ = load_artefact(path, KIND, names=names)
+        tokens = torch.stack([t[k + ".tokens"] for k in keys])
+        out.append(_probabilities(torch.stack([t[k + ".active"] for k in keys]), tokens))
+    return langs, torch.stack(out), _active_site(meta)
 
 
 @dataclass
@@ -190,13 +286,16 @@ class Activations:
     Attributes:
         mean: ``(samples, layers, neurons)`` fp32, samples grouped by language in
             ``languages`` order, units in each language's ``ids`` order.
-        active: ``(samples, layers, neurons)`` fp32 fraction of tokens > 0, or None.
+        active: ``(samples, layers, neurons)`` fp32 fraction of tokens > 0 at
+            ``active_site``, or None.
         tokens: ``(samples,)`` int64 tokens pooled per sample.
         langs: language of each sample.
         ids: unit id (meaning) of each sample.
         languages: languages in order.
         layers: down-projection module names, one per layer.
         meta: the artefact metadata.
+        active_site: where ``active`` was read (:data:`ACT_SITE` or :data:`SITE`), None when
+            unknown (synthetic data) or not captured.
     """
 
     mean: torch.Tensor
@@ -207,6 +306,7 @@ class Activations:
     languages: list[str]
     layers: list[str]
     meta: dict[str, Any]
+    active_site: str | None = None
 
     @classmethod
     def load(cls, path: str | os.PathLike, languages: Iterable[str] | None = None,
@@ -231,12 +331,24 @@ class Activations:
         if int(tokens.min()) <= 0:
             raise ArtefactError(f"'{path}' has samples with no tokens (incomplete capture?)")
         return cls(mean, active, tokens, [k.split("/", 1)[0] for k in keys],
-                   [k.split("/", 1)[1] for k in keys], langs, list(meta["layers"]), meta)
+                   [k.split("/", 1)[1] for k in keys], langs, list(meta["layers"]), meta,
+                   _active_site(meta))
+
+    def probabilities(self) -> torch.Tensor:
+        """``(languages, layers, neurons)`` fp32: per language (``languages`` order), the share
+        of its tokens where each neuron is > 0 at ``active_site`` (LAPE's p(l, k))."""
+        if self.active is None:
+            raise RegionsError("LAPE needs activation probabilities: capture with active=True")
+        out = []
+        for lang in self.languages:
+            sel = torch.tensor([i for i, l in enumerate(self.langs) if l == lang])
+            out.append(_probabilities(self.active[sel], self.tokens[sel]))
+        return torch.stack(out)
 
     @classmethod
     def from_tensor(cls, mean: torch.Tensor, langs: list[str], ids: list[str],
-                    active: torch.Tensor | None = None, layers: list[str] | None = None
-                    ) -> "Activations":
+                    active: torch.Tensor | None = None, layers: list[str] | None = None,
+                    active_site: str | None = None) -> "Activations":
         """Wrap in-memory activations (synthetic data, tests): ``mean`` is
         ``(samples, layers, neurons)``."""
         if mean.dim() != 3 or mean.shape[0] != len(langs) or len(langs) != len(ids):
@@ -246,4 +358,4 @@ class Activations:
         languages = list(dict.fromkeys(langs))
         layers = layers or [f"layer{i}" for i in range(mean.shape[1])]
         return cls(mean.float(), active, torch.ones(len(langs), dtype=torch.long), list(langs),
-                   [str(i) for i in ids], languages, layers, {})
+                   [str(i) for i in ids], languages, layers, {}, active_site)

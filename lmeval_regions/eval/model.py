@@ -14,7 +14,8 @@ Everything ``hf`` accepts keeps working (``pretrained``, ``dtype``, ``device``, 
 ``intervention``       default intervention of targets without ``@`` (default ``zero``).
 ``neurons``            a neuron-set artefact (kind ``neurons``, :mod:`lmeval_regions.neurons.sets`).
 ``neuron_set``         which set(s) of it, e.g. ``ar`` or ``ar+es`` (needed if it holds several).
-``neuron_intervention`` ``zero`` (default), ``scale:X`` or ``mean`` (the stored mean activation).
+``neuron_intervention`` ``zero`` (default), ``scale:X``, ``mean`` (the stored mean activation) or
+                       ``noise:STD[/SEED]`` (seeded Gaussian noise on the selected neurons).
 =====================  ===========================================================================
 
 Weight edits are applied once, after the model is loaded, placed and tied, through
@@ -38,7 +39,7 @@ from lmeval_regions.artefacts import file_digest
 from lmeval_regions.errors import RegionsError, did_you_mean
 from lmeval_regions.interventions import Editor, Intervention, parse_edits, resolve_target
 from lmeval_regions.models import resolve_pretrained
-from lmeval_regions.neurons import NeuronSet
+from lmeval_regions.neurons import NeuronMode, NeuronSet
 
 MODEL_NAME = "hf-regions"
 OUR_KEYS = ("region", "intervention", "neurons", "neuron_set", "neuron_intervention")
@@ -103,6 +104,7 @@ class HFRegionsLM(HFLM):
         edits = parse_edits(_as_text("region", region), str(default)) if region is not None else []
         if neuron_set is not None and neurons is None:
             raise RegionsError("hf-regions: 'neuron_set' needs 'neurons=PATH' (a neuron-set file)")
+        mode = NeuronMode.parse(_as_text("neuron_intervention", neuron_intervention))
         super().__init__(pretrained=pretrained, **kwargs)
         self._region_log: list[dict[str, Any]] = []
         self._neuron_log: dict[str, Any] | None = None
@@ -111,8 +113,7 @@ class HFRegionsLM(HFLM):
         if edits:
             self.apply_edits(edits)
         if neurons is not None:
-            self._apply_neurons(_as_text("neurons", neurons), neuron_set,
-                                _as_text("neuron_intervention", neuron_intervention))
+            self._apply_neurons(_as_text("neurons", neurons), neuron_set, mode)
 
     # ---- weight edits -----------------------------------------------------------------
     def apply_edits(self, edits: list[tuple[str, Intervention]] | str,
@@ -150,7 +151,7 @@ class HFRegionsLM(HFLM):
         self._region_log = []
 
     # ---- neuron interventions ---------------------------------------------------------
-    def _apply_neurons(self, path: str, set_name: Any, mode: str) -> None:
+    def _apply_neurons(self, path: str, set_name: Any, mode: NeuronMode) -> None:
         base = self._model.get_base_model() if hasattr(self._model, "get_base_model") else self._model
         ns = NeuronSet.load(path, base)
         if set_name is None:
@@ -166,7 +167,7 @@ class HFRegionsLM(HFLM):
                                        f"holds {ns.sets}." + did_you_mean(s, ns.sets))
         self._neuron_hooks = ns.intervene(base, names, mode)
         self._neuron_log = {"file": path, "sha256": file_digest(path), "sets": names,
-                            "intervention": mode,
+                            "intervention": str(mode),
                             "neurons": sum(ns.numel(s) for s in names)}
 
     def remove_neuron_hooks(self) -> None:

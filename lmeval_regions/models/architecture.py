@@ -102,6 +102,77 @@ def find_layout(model: nn.Module) -> BlockLayout:
     return BlockLayout(blocks_path, len(blocks), hidden, down, inter)
 
 
+
+@dataclass
+class MlpActivations:
+    """Where each block's MLP applies its activation function, found by structure.
+
+    Attributes:
+        modules: for each block, the dotted name of the MLP's activation-function module; its
+            output is act(gate) in a gated MLP (Llama, Gemma, Qwen, Mistral) and act(fc) in a
+            plain one (BLOOM, GPT-2), shape ``(..., intermediate)``.
+        gated: whether that output is multiplied by an up projection before the down
+            projection (then it differs from the down projection's input).
+    """
+
+    modules: list[str]
+    gated: bool
+
+
+def _is_attention(sub: str) -> bool:
+    return "attn" in sub or "attention" in sub
+
+
+def find_mlp_activations(model: nn.Module, layout: BlockLayout | None = None) -> MlpActivations:
+    """Find each block's MLP activation module: the one parameter-free module (dropout and
+    identity aside) inside the module holding the down projection, outside attention. The MLP
+    is *gated* when, besides the down projection, it has two linear layers to the
+    intermediate width (or one fused layer to twice that width).
+
+    Raises :class:`RegionsError` when a block has no such module (an activation applied as a
+    plain function) or several, or when one module object serves several blocks (hooks could
+    not tell the layers apart).
+    """
+    layout = layout or find_layout(model)
+    modules = dict(model.named_modules())
+    names, seen, gated = [], {}, set()
+    for i, down in enumerate(layout.down_proj):
+        parent = down.rsplit(".", 1)[0]
+        mlp = modules[parent]
+        acts, widths = [], []
+        for sub, m in mlp.named_modules():
+            full = f"{parent}.{sub}" if sub else parent
+            if not sub or full == down or _is_attention(sub):
+                continue
+            shape = linear_shape(m)
+            if shape:
+                if shape[0] == layout.hidden_size:
+                    widths.append(shape[1])
+                continue
+            if (not list(m.children()) and not any(True for _ in m.parameters(recurse=False))
+                    and not isinstance(m, (nn.Dropout, nn.Identity))):
+                acts.append((full, m))
+        if len(acts) != 1:
+            raise RegionsError(
+                f"block {layout.block(i)}: expected one activation-function module in "
+                f"'{parent}', found {[a for a, _ in acts] or 'none'} (an activation applied as "
+                f"a plain function cannot be hooked; read neurons at the down projection's "
+                f"input instead)")
+        name, act = acts[0]
+        # named_modules() lists a shared module once, so a hook on it would fire per block
+        if id(act) in seen:
+            raise RegionsError(f"'{name}' is the same module object as '{seen[id(act)]}': one "
+                               f"activation module serves several blocks, so hooks cannot "
+                               f"tell the layers apart")
+        seen[id(act)] = name
+        inter = layout.intermediate_size
+        gated.add(widths.count(inter) >= 2 or 2 * inter in widths)
+        names.append(name)
+    if len(gated) > 1:
+        raise RegionsError("some MLPs of this model are gated and some are not; "
+                           "expected one MLP structure in every block")
+    return MlpActivations(names, gated.pop())
+
 def block_parameters(
     model: nn.Module,
     include: list[str] | tuple[str, ...] | None = None,

@@ -14,13 +14,22 @@ metadata: model fingerprint, ``sets``, ``site`` (``"mlp.down_proj.input"``), ``m
 ``threshold``, ``intermediate_size`` and free-form ``info``.
 
 Deactivation (paper 2 §4.3) is done by forward-pre hooks on each down projection, which
-rewrite the selected input channels: ``zero``, ``scale:X`` (multiply by X) or ``mean``
-(replace by the stored mean activation). :meth:`NeuronSet.intervene` returns a handle that
-is a context manager; it removes exactly the hooks it added, also on error.
+rewrite the selected input channels: ``zero``, ``scale:X`` (multiply by X), ``mean``
+(replace by the stored mean activation) or ``noise:STD[/SEED]`` (add Gaussian noise of that
+std, as paper 2's release can). :meth:`NeuronSet.intervene` returns a handle that is a context
+manager; it removes exactly the hooks it added, also on error.
+
+Noise is seeded per handle: one ``torch.Generator`` per device, seeded with SEED when the
+handle is made, draws ``(*input.shape[:-1], k)`` standard normals in fp32 for the ``k``
+selected channels of each hooked layer, in the order the layers run; they are multiplied by
+STD, cast to the input's dtype and added. The same handle, model and inputs give the same
+noise on the same device type (CPU and CUDA streams differ); successive forwards draw fresh
+noise, like the release's ``randn_like``.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
@@ -34,7 +43,8 @@ from lmeval_regions.errors import ArtefactError, RegionsError, did_you_mean
 from lmeval_regions.models.architecture import find_layout
 
 KIND = "neurons"
-MODES = ("zero", "scale:X", "mean")
+MODES = ("zero", "scale:X", "mean", "noise:STD[/SEED]")
+_KINDS = ("zero", "scale", "mean", "noise")
 
 
 @dataclass(frozen=True)
@@ -42,36 +52,66 @@ class NeuronMode:
     """How selected neurons are changed."""
 
     kind: str = "zero"
-    """``zero``, ``scale`` or ``mean``."""
+    """``zero``, ``scale``, ``mean`` or ``noise``."""
     value: float | None = None
-    """The factor of ``scale``; None otherwise."""
+    """The factor of ``scale`` or the standard deviation of ``noise``; None otherwise."""
+    seed: int | None = None
+    """Seed of ``noise`` (0 when not given); None for the other kinds."""
 
     def __post_init__(self) -> None:
-        if self.kind not in ("zero", "scale", "mean"):
+        if self.kind not in _KINDS:
             raise RegionsError(f"neuron intervention '{self.kind}' is not one of {MODES}."
-                               + did_you_mean(self.kind, ("zero", "scale", "mean")))
-        if self.kind == "scale" and self.value is None:
-            raise RegionsError("neuron intervention 'scale' needs a factor, e.g. 'scale:0.5'")
-        if self.kind != "scale" and self.value is not None:
+                               + did_you_mean(self.kind, _KINDS))
+        if self.kind in ("scale", "noise"):
+            if self.value is None:
+                example = "scale:0.5" if self.kind == "scale" else "noise:0.1 or noise:0.1/7"
+                raise RegionsError(f"neuron intervention '{self.kind}' needs a value, e.g. "
+                                   f"'{example}'")
+            if not math.isfinite(self.value) or (self.kind == "noise" and self.value < 0):
+                raise RegionsError(f"neuron intervention '{self.kind}': value {self.value:g} "
+                                   f"must be a finite number" + (" >= 0 (a standard deviation)"
+                                                                 if self.kind == "noise" else ""))
+        elif self.value is not None:
             raise RegionsError(f"neuron intervention '{self.kind}' takes no value "
                                f"(got {self.value:g})")
+        if self.kind == "noise":
+            seed = 0 if self.seed is None else self.seed
+            if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+                raise RegionsError(f"neuron intervention 'noise': seed {seed!r} must be an "
+                                   f"integer >= 0")
+            object.__setattr__(self, "seed", seed)
+        elif self.seed is not None:
+            raise RegionsError(f"neuron intervention '{self.kind}' takes no seed "
+                               f"(got {self.seed})")
 
     @classmethod
     def parse(cls, text: "str | NeuronMode") -> "NeuronMode":
-        """``zero``, ``scale:X`` or ``mean``."""
+        """``zero``, ``scale:X``, ``mean`` or ``noise:STD[/SEED]`` (e.g. ``noise:0.1/7``)."""
         if isinstance(text, NeuronMode):
             return text
         kind, _, val = str(text).strip().partition(":")
-        value = None
-        if val:
+        kind = kind.strip()
+        seed_text = None
+        if kind == "noise":
+            val, _, seed_text = val.partition("/")
+        value = seed = None
+        if val.strip():
             try:
                 value = float(val)
             except ValueError:
-                raise RegionsError(f"neuron intervention '{text}': factor '{val}' is not a "
+                raise RegionsError(f"neuron intervention '{text}': value '{val}' is not a "
                                    f"number; expected one of {MODES}") from None
-        return cls(kind.strip(), value)
+        if seed_text is not None and seed_text.strip():
+            try:
+                seed = int(seed_text)
+            except ValueError:
+                raise RegionsError(f"neuron intervention '{text}': seed '{seed_text}' is not "
+                                   f"an integer; expected noise:STD[/SEED]") from None
+        return cls(kind, value, seed)
 
     def __str__(self) -> str:
+        if self.kind == "noise":
+            return f"noise:{self.value:g}/{self.seed}"
         return self.kind if self.value is None else f"{self.kind}:{self.value:g}"
 
 
@@ -89,6 +129,9 @@ class NeuronSet:
         threshold: the selection threshold (z-score, entropy quantile...), if any.
         intermediate_size: number of neurons per layer (indices are below it).
         info: free-form JSON-serialisable details (sources, counts, seeds...).
+        selected_at: ``set -> site`` of the statistic each set was selected from (e.g. z-score
+            sets at ``mlp.down_proj.input``, LAPE sets at ``mlp.act.output``); the sets are
+            always *applied* at the down projection's input (``site`` in the metadata).
     """
 
     indices: dict[str, dict[str, torch.Tensor]]
@@ -98,8 +141,12 @@ class NeuronSet:
     threshold: float | None = None
     intermediate_size: int = 0
     info: dict[str, Any] = field(default_factory=dict)
+    selected_at: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        extra = set(self.selected_at) - set(self.indices)
+        if extra:
+            raise RegionsError(f"selected_at names sets that do not exist: {sorted(extra)[:3]}")
         clean: dict[str, dict[str, torch.Tensor]] = {}
         clean_means: dict[str, dict[str, torch.Tensor]] = {}
         for s, per in self.means.items():
@@ -162,7 +209,8 @@ class NeuronSet:
                     tensors[f"{s}/{m}.mean"] = mean.float()
         meta = {"model": self.model, "sets": self.sets, "site": SITE, "method": self.method,
                 "threshold": self.threshold, "intermediate_size": self.intermediate_size,
-                "counts": {s: self.numel(s) for s in self.sets}, "info": self.info}
+                "counts": {s: self.numel(s) for s in self.sets}, "info": self.info,
+                "selected_at": self.selected_at}
         save_artefact(path, tensors, KIND, meta)
 
     @classmethod
@@ -187,7 +235,7 @@ class NeuronSet:
         try:
             out = cls(indices, means, doc.get("model", {}), doc.get("method", ""),
                       doc.get("threshold"), int(doc.get("intermediate_size", 0)),
-                      doc.get("info", {}))
+                      doc.get("info", {}), dict(doc.get("selected_at") or {}))
         except RegionsError as e:
             raise ArtefactError(f"'{path}' is corrupt: {e}") from e
         if model is not None:
@@ -209,8 +257,8 @@ class NeuronSet:
     @classmethod
     def from_masks(cls, masks: Mapping[str, torch.Tensor], model: nn.Module,
                    means: Mapping[str, torch.Tensor] | None = None, method: str = "",
-                   threshold: float | None = None, info: dict[str, Any] | None = None
-                   ) -> "NeuronSet":
+                   threshold: float | None = None, info: dict[str, Any] | None = None,
+                   selected_at: Mapping[str, str] | None = None) -> "NeuronSet":
         """Build from ``set -> (num_layers, intermediate) bool`` masks over ``model``'s layers;
         ``means``: ``set -> (num_layers, intermediate)`` mean activations (optional)."""
         layout = find_layout(model)
@@ -230,7 +278,8 @@ class NeuronSet:
                     if means is not None and s in means:
                         mean_out[s][module] = torch.as_tensor(means[s])[layer, idx].float()
         return cls(indices, {k: v for k, v in mean_out.items() if v}, model_fingerprint(model),
-                   method, threshold, layout.intermediate_size, dict(info or {}))
+                   method, threshold, layout.intermediate_size, dict(info or {}),
+                   dict(selected_at or {}))
 
     def masks(self, num_layers: int, down_proj: list[str]) -> dict[str, torch.Tensor]:
         """``set -> (num_layers, intermediate) bool`` masks (inverse of :meth:`from_masks`)."""
@@ -247,7 +296,7 @@ class NeuronSet:
     def intervene(self, model: nn.Module, set_name: str | Iterable[str],
                   mode: "str | NeuronMode" = "zero") -> "NeuronHooks":
         """Hook ``model`` so that the neurons of ``set_name`` (or the union of several sets)
-        are zeroed / scaled / replaced by their mean while the handle is active.
+        are zeroed / scaled / replaced by their mean / noised while the handle is active.
 
         The hooks are registered at once; use the handle as a context manager (or call its
         ``remove()``) to take off exactly these hooks::
@@ -281,27 +330,50 @@ class ModelLayoutError(ArtefactError):
     """A neuron set names modules the model does not have."""
 
 
+class _NoiseSource:
+    """Seeded Gaussian noise shared by the hooks of one handle: a generator per device."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+        self._gens: dict[torch.device, torch.Generator] = {}
+
+    def draw(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        if device not in self._gens:
+            self._gens[device] = torch.Generator(device=device).manual_seed(self.seed)
+        return torch.randn(shape, generator=self._gens[device], device=device,
+                           dtype=torch.float32)
+
+
 class _ChannelEdit:
     """Forward-pre hook rewriting channels of the down projection's input.
 
-    The edit is ``x * factor + offset`` with ``factor``/``offset`` of shape ``(intermediate,)``
-    (1/0 outside the selected neurons): out of place, so autograd and the caller's tensors are
-    untouched. The vectors are cached per (device, dtype) of the input.
+    ``zero``/``scale``/``mean``: ``x * factor + offset`` with ``factor``/``offset`` of shape
+    ``(intermediate,)`` (1/0 outside the selected neurons); ``noise``: ``x`` plus noise on the
+    selected channels only. Out of place, so autograd and the caller's tensors are untouched.
+    The vectors are cached per (device, dtype) of the input.
     """
 
-    def __init__(self, idx: torch.Tensor, mean: torch.Tensor | None, mode: NeuronMode):
+    def __init__(self, idx: torch.Tensor, mean: torch.Tensor | None, mode: NeuronMode,
+                 noise: _NoiseSource | None = None):
         self.idx = idx.long()
         self.mean = mean
         self.mode = mode
+        self.noise = noise
         self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    def _check(self, n: int) -> None:
+        if self.idx.numel() and int(self.idx.max()) >= n:
+            raise RegionsError(f"neuron index {int(self.idx.max())} is outside the "
+                               f"{n} neurons of this layer")
 
     def _vectors(self, x: torch.Tensor):
         key = (x.device, x.dtype, x.shape[-1])
         if key not in self._cache:
             n = x.shape[-1]
-            if self.idx.numel() and int(self.idx.max()) >= n:
-                raise RegionsError(f"neuron index {int(self.idx.max())} is outside the "
-                                   f"{n} neurons of this layer")
+            self._check(n)
+            if self.mode.kind == "noise":
+                self._cache[key] = (self.idx.to(x.device), None)
+                return self._cache[key]
             factor = torch.ones(n, dtype=x.dtype)
             offset = None
             if self.mode.kind == "scale":
@@ -317,6 +389,10 @@ class _ChannelEdit:
 
     def __call__(self, module: nn.Module, args: tuple) -> tuple:
         x = args[0]
+        if self.mode.kind == "noise":
+            idx, _ = self._vectors(x)
+            eps = self.noise.draw((*x.shape[:-1], idx.numel()), x.device) * self.mode.value
+            return (x.index_add(-1, idx, eps.to(x.dtype)),) + tuple(args[1:])
         factor, offset = self._vectors(x)
         y = x * factor
         if offset is not None:
@@ -332,10 +408,11 @@ class NeuronHooks:
                  mode: NeuronMode):
         self.mode = mode
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        noise = _NoiseSource(mode.seed) if mode.kind == "noise" else None
         try:
             for name, (idx, mean) in per_module.items():
-                self._handles.append(
-                    modules[name].register_forward_pre_hook(_ChannelEdit(idx, mean, mode)))
+                self._handles.append(modules[name].register_forward_pre_hook(
+                    _ChannelEdit(idx, mean, mode, noise)))
         except BaseException:
             self.remove()
             raise

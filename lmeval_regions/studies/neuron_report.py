@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -18,30 +19,37 @@ import torch
 from torch import nn
 
 from lmeval_regions import neurons as N
-from lmeval_regions.activations import Activations, capture
+from lmeval_regions.activations import SITE, Activations, capture
 from lmeval_regions.artefacts import write_text_atomic
 from lmeval_regions.models import load_model
 from lmeval_regions.neurons import NeuronSet
 from lmeval_regions.studies.plotting import save_figure, subplots
 
 
-def analyse(acts: Activations, model: nn.Module, threshold: float = 2.0, seed: int = 0,
-            lape_top_rate: float = 0.01) -> tuple[dict[str, Any], NeuronSet]:
+def analyse(acts: Activations, model: nn.Module, config: N.NeuronAnalysisConfig | None = None
+            ) -> tuple[dict[str, Any], NeuronSet]:
     """Metrics of one activation capture, and a :class:`NeuronSet` holding for every
     language its z-score key neurons (``{lang}``), an equal-size random baseline
-    (``random-{lang}``, same count per layer) and LAPE's neurons (``lape-{lang}``)."""
+    (``random-{lang}``, same count per layer) and LAPE's neurons (``lape-{lang}``, when the
+    capture has activation probabilities). ``config``: thresholds, eps, LAPE rates, seed."""
+    config = N.NeuronAnalysisConfig() if config is None else config
     sim = N.similarity(acts)
     whole = N.lrds_sads(sim, acts.langs, acts.ids)
     per_layer = N.layerwise(acts)
-    key = N.key_neurons(acts, threshold)
+    key = N.key_neurons(acts, config)
     masks = dict(key.masks)
-    masks |= {f"random-{l}": m for l, m in N.random_like(key.masks, seed).items()}
-    lape_masks = N.lape(acts, top_rate=lape_top_rate) if acts.active is not None else {}
+    masks |= {f"random-{l}": m for l, m in N.random_like(key.masks, config.seed).items()}
+    lape_masks = N.lape(acts, config) if acts.active is not None else {}
     masks |= {f"lape-{l}": m for l, m in lape_masks.items()}
-    info = {"languages": acts.languages, "seed": seed, "lape_top_rate": lape_top_rate,
+    selected_at = {l: SITE for l in key.masks}
+    selected_at |= {f"lape-{l}": acts.active_site or "unknown" for l in lape_masks}
+    info = {"languages": acts.languages, "config": asdict(config),
+            "lape_site": acts.active_site if lape_masks else None,
             "sets": "lang = z-score key neurons; random-lang = same size per layer; "
                     "lape-lang = LAPE (Tang et al. 2024)"}
-    ns = N.neuron_set(masks, acts, model, method="zscore", threshold=threshold, info=info)
+    ns = N.neuron_set(masks, acts, model, method="zscore",
+                      threshold=None if config.percentile is not None else config.threshold,
+                      info=info, selected_at=selected_at)
     n_total = acts.mean.shape[1] * acts.mean.shape[2]
     result = {
         "languages": acts.languages,
@@ -49,11 +57,14 @@ def analyse(acts: Activations, model: nn.Module, threshold: float = 2.0, seed: i
         "layers": acts.mean.shape[1], "neurons_per_layer": acts.mean.shape[2],
         "lrds": whole["lrds"], "sads": whole["sads"], "similarity_groups": whole,
         "layerwise": per_layer,
-        "threshold": threshold,
+        "config": asdict(config),
+        "threshold": config.threshold, "percentile": config.percentile,
+        "z_cutoffs": key.cutoffs,
         "key_neurons": key.sizes,
         "key_share": {l: s / n_total for l, s in key.sizes.items()},
         "sklr": key.sklr,
         "key_layer_distribution": key.layer_distribution(),
+        "lape_site": acts.active_site if lape_masks else None,
         "lape_neurons": {l: int(m.sum()) for l, m in lape_masks.items()},
         "lape_layer_distribution": {l: m.sum(1).tolist() for l, m in lape_masks.items()},
         "key_lape_overlap": {l: _jaccard(key.masks[l], lape_masks[l]) for l in lape_masks},
@@ -125,6 +136,12 @@ def _fmt(x: float) -> str:
     return "nan" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
 
 
+def _rule(result: Mapping[str, Any]) -> str:
+    if result.get("percentile") is not None:
+        return f"top {100 * result['percentile']:g}% of each language's z-scores"
+    return f"z > {result['threshold']:g}"
+
+
 def write_report(out: str | Path, result: Mapping[str, Any], acts: Activations | None = None,
                  table: Mapping[str, Any] | None = None) -> Path:
     """Write plots (when ``acts`` given), ``neurons.json`` and ``README.md`` into ``out``."""
@@ -143,7 +160,8 @@ def write_report(out: str | Path, result: Mapping[str, Any], acts: Activations |
           f"samples per language: {sorted(set(result['samples_per_language'].values()))}; "
           f"{result['layers']} layers x {result['neurons_per_layer']} neurons.", "",
           f"- LRDS = **{_fmt(result['lrds'])}**, SADS = **{_fmt(result['sads'])}**",
-          f"- key neurons (z > {result['threshold']:g}): SKLR = {result['sklr']}", ""]
+          f"- key neurons ({_rule(result)}): SKLR = {result['sklr']}",
+          f"- LAPE active site: {result.get('lape_site') or '-'}", ""]
     if acts is not None:
         md += ["![similarity](similarity.png)", "", "![layerwise](layerwise.png)", "",
                "![key layers](key_layers.png)", ""]
@@ -172,11 +190,13 @@ def write_report(out: str | Path, result: Mapping[str, Any], acts: Activations |
 # ---- sweeps -----------------------------------------------------------------------------------
 
 def sweep(models: list[str], corpus: Mapping[str, list[dict]], out: str | Path,
-          load: Callable[[str], tuple[nn.Module, Any]] | None = None, threshold: float = 2.0,
-          config=None) -> list[dict[str, Any]]:
+          load: Callable[[str], tuple[nn.Module, Any]] | None = None,
+          analysis: N.NeuronAnalysisConfig | None = None, config=None) -> list[dict[str, Any]]:
     """LRDS, SADS, SKLR and key-neuron share for each model (name, folder or revision spec
-    accepted by ``load``), captured on the same ``corpus``; writes ``sweep.json`` and
-    ``sweep.md`` into ``out`` and each capture as ``activations-<i>.safetensors``."""
+    accepted by ``load``), captured on the same ``corpus`` with ``config``
+    (:class:`~lmeval_regions.activations.ActivationConfig`); key neurons by ``analysis``.
+    Writes ``sweep.json`` and ``sweep.md`` into ``out`` and each capture as
+    ``activations-<i>.safetensors``."""
     load = load or load_model
     out = Path(out)
     rows = []
@@ -185,7 +205,7 @@ def sweep(models: list[str], corpus: Mapping[str, list[dict]], out: str | Path,
         path = out / f"activations-{i}.safetensors"
         capture(model, tok, corpus, path, config)
         acts = Activations.load(path)
-        key = N.key_neurons(acts, threshold)
+        key = N.key_neurons(acts, analysis)
         r = N.lrds_sads(N.similarity(acts), acts.langs, acts.ids)
         n_total = acts.mean.shape[1] * acts.mean.shape[2]
         rows.append({"model": name, "lrds": r["lrds"], "sads": r["sads"], "sklr": key.sklr,
