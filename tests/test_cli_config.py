@@ -19,7 +19,7 @@ from lmeval_regions.models import ModelConfig
 
 # Every subcommand that loads a model, and every one that reads a corpus.
 LOADS_A_MODEL = {"importance", "apply", "table", "dims-report", "dims", "outliers", "plot-region",
-                 "activations", "neurons", "neuron-sweep", "demo"}
+                 "activations", "neurons", "neuron-sweep", "demo", "import-neurons"}
 READS_A_CORPUS = {"importance", "apply", "dims-report", "dims", "outliers", "activations",
                   "neurons", "neuron-sweep", "demo"}
 

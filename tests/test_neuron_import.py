@@ -124,3 +124,29 @@ def test_imported_set_deactivates_through_hf_regions(tiny_lm_dir, tmp_path):
         HFRegionsLM(pretrained=str(tiny_lm_dir), device="cpu",
                     neurons=str(tmp_path / "lape.safetensors"), neuron_set="zh",
                     neuron_intervention="noise:0.1/x")
+
+
+def test_import_neurons_command_reads_no_weights(tiny_lm_dir, tmp_path, monkeypatch):
+    """`lmeval-regions import-neurons` builds the model from its config on the meta device
+    (loading weights would be refused here) and writes the same sets as the library."""
+    from transformers import AutoModelForCausalLM
+
+    from lmeval_regions.cli import main
+
+    def no_weights(*a, **k):
+        raise AssertionError("import-neurons must not load weights")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_weights)
+    path = _release_file(tmp_path / "tiny.neuron.pth", PLANT)
+    out = tmp_path / "lape.safetensors"
+    assert main(["import-neurons", "--model", str(tiny_lm_dir), "--file", str(path),
+                 "--languages", "en,zh,fr", "--out", str(out)]) == 0
+    monkeypatch.undo()
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
+    got = NeuronSet.load(out, model)
+    want = import_lape(path, model, "en,zh,fr")
+    assert got.sets == want.sets
+    for s in want.sets:
+        assert {m: t.tolist() for m, t in got.indices[s].items()} == \
+            {m: t.tolist() for m, t in want.indices[s].items()}
+    assert (tmp_path / "lape.config.yaml").exists()

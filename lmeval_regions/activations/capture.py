@@ -37,7 +37,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Literal, Mapping
 
 import torch
@@ -63,10 +63,10 @@ LAPE_SITES = {"act": ACT_SITE, "down_input": SITE}
 class ActivationConfig:
     """How activations are captured."""
 
-    batch_size: int = 8
-    """Samples per forward pass."""
-    max_length: int = 128
-    """Tokens per sample (longer units are truncated)."""
+    batch_size: int = field(default=8, metadata={"cli": False})
+    """Samples per forward pass (on the command line: the corpus's --batch-size)."""
+    max_length: int = field(default=128, metadata={"cli": False})
+    """Tokens per sample, longer units truncated (on the command line: --max-length)."""
     active: bool = True
     """Also record, per neuron, the fraction of tokens where it is > 0 (needed by LAPE)."""
     lape_site: Literal["act", "down_input"] = "act"

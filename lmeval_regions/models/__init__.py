@@ -14,12 +14,12 @@ from lmeval_regions.models.architecture import (BlockLayout, MlpActivations, blo
                                                 text_config)
 from lmeval_regions.models.embedded import (DEFAULT_MODEL, EMBEDDED, EmbeddedModel, is_embedded,
                                             resolve_pretrained)
-from lmeval_regions.models.loading import ModelConfig, load_model
+from lmeval_regions.models.loading import ModelConfig, load_model, load_skeleton
 from lmeval_regions.models.module_map import (ROLES, ModuleMap, Norm, Projection,
                                               find_module_map)
 
 __all__ = ["BlockLayout", "DEFAULT_MODEL", "EMBEDDED", "EmbeddedModel", "MlpActivations",
            "ModelConfig", "ModuleMap", "Norm", "Projection", "ROLES", "block_parameters",
            "find_layout", "find_mlp_activations", "find_module_map", "init_std", "is_embedded",
-           "linear_shape", "load_model", "matrix_kind", "named_param", "resolve_pretrained",
+           "linear_shape", "load_model", "load_skeleton", "matrix_kind", "named_param", "resolve_pretrained",
            "text_config"]

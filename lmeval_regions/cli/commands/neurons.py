@@ -10,15 +10,20 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from lmeval_regions.activations import ActivationConfig
 from lmeval_regions.cli.main import Command
 from lmeval_regions.cli.options import config_beside, config_inside
 from lmeval_regions.corpora import CorpusConfig, HeldOutConfig
 from lmeval_regions.errors import RegionsError
 from lmeval_regions.models import ModelConfig
+from lmeval_regions.neurons import NeuronAnalysisConfig
+from lmeval_regions.paper import LAPE_RELEASE_LANGS
 
 MODEL = ("model", ModelConfig)
 CORPUS = ("corpus", CorpusConfig)
 HELDOUT = ("heldout", HeldOutConfig)
+CAPTURE = ("capture", ActivationConfig)
+ANALYSIS = ("analysis", NeuronAnalysisConfig)
 
 
 def _progress(label: str):
@@ -32,10 +37,10 @@ def _progress(label: str):
     return show
 
 
-def _capture_config(corpus: CorpusConfig):
-    from lmeval_regions.activations import ActivationConfig
-
-    return ActivationConfig(batch_size=corpus.batch_size, max_length=corpus.max_length)
+def _capture_config(s: dict[str, Any]) -> ActivationConfig:
+    """The capture settings, batched and truncated as the corpus says."""
+    corpus: CorpusConfig = s["corpus"]
+    return replace(s["capture"], batch_size=corpus.batch_size, max_length=corpus.max_length)
 
 
 @dataclass
@@ -52,7 +57,7 @@ def run_activations(s: dict[str, Any]) -> int:
     corpus: CorpusConfig = s["corpus"]
     data = corpus.load()
     model, tok = load_model(s["model"])
-    meta = capture(model, tok, data, s["args"].out, _capture_config(corpus),
+    meta = capture(model, tok, data, s["args"].out, _capture_config(s),
                    _progress("activations"))
     print(f"wrote {s['args'].out}: {len(meta['languages'])} languages x {corpus.units} units, "
           f"{len(meta['layers'])} layers x {meta['neurons']} neurons")
@@ -66,14 +71,10 @@ class NeuronsArgs:
     and LAPE sets, usable by hf-regions neurons=...), activations.safetensors."""
     activations: str | None = None
     """Reuse this activation artefact instead of capturing the corpus."""
-    threshold: float = 2.0
-    """z-score above which a neuron is a language's key neuron (paper 2)."""
-    seed: int = 0
-    """Seed of the random baseline sets (same size per layer)."""
     table: bool = True
     """Build the deactivation table over --eval-langs (paper 2 Table 1)."""
     mode: str = "zero"
-    """How deactivated neurons are changed: zero, scale:X or mean."""
+    """How deactivated neurons are changed: zero, scale:X, mean or noise:STD[/SEED]."""
     random_rows: bool = False
     """Also deactivate the equal-size random sets (doubles the table time)."""
     ppl: Literal["direct", "lm-eval"] = "direct"
@@ -96,9 +97,9 @@ def run_neurons(s: dict[str, Any]) -> int:
     model, tok = load_model(s["model"])
     acts_path = Path(args.activations) if args.activations else out / "activations.safetensors"
     if data is not None:
-        capture(model, tok, data, acts_path, _capture_config(corpus), _progress("activations"))
+        capture(model, tok, data, acts_path, _capture_config(s), _progress("activations"))
     acts = Activations.load(acts_path, model=model)
-    result, ns = analyse(acts, model, args.threshold, args.seed)
+    result, ns = analyse(acts, model, s["analysis"])
     ns_path = out / "neurons.safetensors"
     ns.save(ns_path)
     print(f"LRDS={result['lrds']:.4f} SADS={result['sads']:.4f} SKLR={result['sklr']}")
@@ -135,9 +136,6 @@ class SweepArgs:
     """Models to compare (names, folders or hub ids); default: --model at each --revisions."""
     revisions: tuple[str, ...] = ()
     """Revisions (checkpoints) of --model to compare, e.g. step1000,step2000."""
-    threshold: float = 2.0
-    """z-score threshold of key neurons."""
-
     def __post_init__(self) -> None:
         if not self.models and not self.revisions:
             raise RegionsError("neuron-sweep needs --models A,B,... or --revisions R1,R2,...")
@@ -159,8 +157,31 @@ def run_sweep(s: dict[str, Any]) -> int:
     names = list(args.models or args.revisions)
     by_name = dict(zip(names, specs))
     rows = sweep(names, corpus.load(), args.out, load=lambda n: load_model(by_name[n]),
-                 threshold=args.threshold, config=_capture_config(corpus))
+                 analysis=s["analysis"], config=_capture_config(s))
     print(json.dumps(rows, indent=1))
+    return 0
+
+
+@dataclass
+class ImportNeuronsArgs:
+    file: str
+    """A LAPE release neuron file (``*.neuron.pth``: language -> layer -> neuron indices), read
+    without unpickling arbitrary objects."""
+    out: str
+    """Output neuron-set artefact (.safetensors), for hf-regions neurons=OUT,neuron_set=LANG."""
+    languages: tuple[str, ...] = LAPE_RELEASE_LANGS
+    """Set names, one per language in the file's order (the release's order by default)."""
+
+
+def run_import_neurons(s: dict[str, Any]) -> int:
+    from lmeval_regions.models import load_skeleton
+    from lmeval_regions.neurons.importer import import_lape
+
+    args: ImportNeuronsArgs = s["args"]
+    ns = import_lape(args.file, load_skeleton(s["model"]), list(args.languages))
+    ns.save(args.out)
+    sizes = ", ".join(f"{name}={ns.numel(name)}" for name in ns.sets)
+    print(f"wrote {args.out}: {sizes}")
     return 0
 
 
@@ -169,7 +190,7 @@ COMMANDS = [
             "Run the corpus through the model and store, per sample, the mean activation of\n"
             "every MLP neuron of every layer (input of the down projection), streamed to disk.\n\n"
             "example: lmeval-regions activations --langs all --units 12 --out acts.safetensors",
-            [MODEL, CORPUS, ("args", ActivationsArgs)], run_activations,
+            [MODEL, CORPUS, CAPTURE, ("args", ActivationsArgs)], run_activations,
             lambda s: config_beside(s["args"].out)),
     Command("neurons", "paper 2 analysis: similarity, LRDS/SADS, key neurons, LAPE, "
             "deactivation table, report",
@@ -179,7 +200,7 @@ COMMANDS = [
             "held-out units), written as a report folder.\n\n"
             "example: lmeval-regions neurons --langs all --units 12 --max-length 128 \\\n"
             "             --eval-langs paper2 --eval-units 4 --out reports/neurons",
-            [MODEL, CORPUS, HELDOUT, ("args", NeuronsArgs)], run_neurons,
+            [MODEL, CORPUS, HELDOUT, CAPTURE, ANALYSIS, ("args", NeuronsArgs)], run_neurons,
             lambda s: config_inside(s["args"].out)),
     Command("neuron-sweep", "LRDS/SADS/SKLR over several models or revisions",
             "The same metrics (LRDS, SADS, SKLR, key-neuron share) for each model or revision,\n"
@@ -188,6 +209,16 @@ COMMANDS = [
             "  lmeval-regions neuron-sweep --models gemma-3-270m,smollm2-135m --out sweep/\n"
             "  lmeval-regions neuron-sweep --model ORG/MODEL --revisions step1000,step2000 "
             "--out sweep/",
-            [MODEL, CORPUS, ("args", SweepArgs)], run_sweep,
+            [MODEL, CORPUS, CAPTURE, ANALYSIS, ("args", SweepArgs)], run_sweep,
             lambda s: config_inside(s["args"].out)),
+    Command("import-neurons", "import a published LAPE neuron file as a neuron set",
+            "Read a LAPE release neuron file (language -> layer -> neuron indices; no arbitrary\n"
+            "unpickling) and write it as a neuron-set artefact over --model, checked against the\n"
+            "model's layers and MLP width (read from its config: no weights are loaded).\n\n"
+            "example: lmeval-regions import-neurons --model meta-llama/Llama-2-7b-hf \\\n"
+            "             --file llama-2-7b.neuron.pth --out lape.safetensors\n"
+            "         lm_eval --model hf-regions --model_args pretrained=meta-llama/Llama-2-7b-hf,"
+            "neurons=lape.safetensors,neuron_set=zh ...",
+            [MODEL, ("args", ImportNeuronsArgs)], run_import_neurons,
+            lambda s: config_beside(s["args"].out)),
 ]
