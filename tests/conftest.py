@@ -28,7 +28,8 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 
 
 def tiny_config(arch: str):
-    from transformers import BloomConfig, Gemma3TextConfig, LlamaConfig
+    from transformers import (BloomConfig, Gemma3TextConfig, GPT2Config, GPTNeoXConfig,
+                              LlamaConfig, Phi3Config, Qwen2Config)
 
     if arch == "llama":
         return LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64,
@@ -41,6 +42,25 @@ def tiny_config(arch: str):
                                 layer_types=["sliding_attention", "full_attention"])
     if arch == "bloom":
         return BloomConfig(vocab_size=128, hidden_size=32, n_layer=2, n_head=4)
+    # Fused q/k/v per head (GPT-NeoX), Conv1D [in, out] with concatenated q/k/v (GPT-2),
+    # fused concatenated q/k/v with GQA and fused [gate | up] (Phi-3), separate q/k/v with
+    # biases (Qwen2).
+    if arch == "gpt_neox":
+        return GPTNeoXConfig(vocab_size=128, hidden_size=32, intermediate_size=64,
+                             num_hidden_layers=2, num_attention_heads=4,
+                             max_position_embeddings=128)
+    if arch == "gpt2":
+        return GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=128,
+                          bos_token_id=0, eos_token_id=0)
+    if arch == "phi3":
+        return Phi3Config(vocab_size=128, hidden_size=32, intermediate_size=64,
+                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                          max_position_embeddings=128, pad_token_id=0, bos_token_id=1,
+                          eos_token_id=2)
+    if arch == "qwen2":
+        return Qwen2Config(vocab_size=128, hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           max_position_embeddings=128)
     raise ValueError(arch)
 
 

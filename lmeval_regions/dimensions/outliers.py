@@ -102,7 +102,7 @@ def norm_weight_outliers(model: nn.Module, config: OutlierConfig | None = None,
     Returns ``[{dim, norms: [{name, scale, z}], max_z}]``, most extreme first.
     """
     config = config or OutlierConfig()
-    mmap = mmap or find_module_map(model)
+    mmap = mmap or find_module_map(model, projections=False)  # norms only: any block layout
     params = dict(model.named_parameters())
     by_dim: dict[int, list[dict[str, Any]]] = {}
     for b in mmap.blocks:

@@ -23,6 +23,10 @@ Attn.o column               o ``out`` (hidden dim)              row ``W[j, :]``
 FFN.up/gate row             up/gate ``in`` (hidden dim)         column ``W[:, j]``
 FFN.down column             down ``out`` (hidden dim)           row ``W[j, :]``
 ==========================  ==================================  =======================
+
+A GPT-2 ``Conv1D`` stores ``[in, out]``: there rows and columns swap (the module map's
+:class:`~lmeval_regions.models.Projection` is transposed), and its fused ``c_attn`` is split
+into q/k/v columns; everything here works on the logical ``[out, in]`` view.
 """
 
 from __future__ import annotations

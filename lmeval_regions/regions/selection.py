@@ -1,5 +1,15 @@
 """Selecting a region from importance scores: Top / Bottom / Middle / Random, per matrix, per
-row, or globally, from scores in memory or read tensor by tensor from an artefact."""
+row, or globally, from scores in memory or read tensor by tensor from an artefact.
+
+Per matrix means per *logical* matrix: a fused projection (GPT-NeoX/BLOOM ``query_key_value``,
+GPT-2 ``c_attn``, Phi-3 ``qkv_proj`` and ``gate_up_proj``) is split into its q/k/v (gate/up)
+sub-matrices, each getting ``n_select(its entries, ratio)``, as the separate q/k/v of Llama do
+(``fused="split"``, the default); ``fused="whole"`` ranks the stored parameter as one matrix.
+The split comes from the importance artefact's ``layouts`` metadata (written by
+:func:`importance.compute_importance` from :func:`models.matrix_layouts`), so no model is
+needed here; per row means per logical output row (a GPT-2 ``Conv1D`` weight is stored
+``[in, out]``: its logical rows are stored columns).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +20,7 @@ from typing import Any, Iterable, Literal, Mapping
 import torch
 
 from lmeval_regions.artefacts import LazyScores
-from lmeval_regions.errors import RegionsError, did_you_mean
+from lmeval_regions.errors import ArtefactError, RegionsError, did_you_mean
 from lmeval_regions.regions.ranking import (METHODS, check_ratio, n_select, seed_for,
                                             select_flat, select_global)
 from lmeval_regions.regions.region import Region, index_dtype
@@ -18,6 +28,8 @@ from lmeval_regions.regions.region import Region, index_dtype
 Method = Literal["top", "bottom", "middle", "random"]
 Scope = Literal["matrix", "row", "global"]
 SCOPES = ("matrix", "row", "global")
+Fused = Literal["split", "whole"]
+FUSED = ("split", "whole")
 
 
 @dataclass
@@ -30,11 +42,52 @@ class SelectionConfig:
     matrix"), each row, or all scored entries at once (global)."""
     seed: int = 0
     """Seed of Random selection (drawn per parameter, by name: order-independent)."""
+    fused: Fused = "split"
+    """Per-matrix scope on a fused projection (GPT-NeoX/BLOOM query_key_value, GPT-2 c_attn,
+    Phi-3 qkv_proj/gate_up_proj): split = the ratio of each of its logical q/k/v (gate/up)
+    matrices, as for separate q/k/v (Llama); whole = the ratio of the fused matrix."""
 
     def __post_init__(self) -> None:
         if self.scope not in SCOPES:
             raise RegionsError(f"selection scope '{self.scope}' is not one of {SCOPES}."
                                + did_you_mean(str(self.scope), SCOPES))
+        check_fused(self.fused)
+
+
+def check_fused(fused: str) -> str:
+    if fused not in FUSED:
+        raise RegionsError(f"fused '{fused}' is not one of {FUSED} (split: the ratio of each "
+                           "logical q/k/v or gate/up matrix; whole: of the fused matrix)."
+                           + did_you_mean(str(fused), FUSED))
+    return fused
+
+
+def _parts(name: str, layout: Mapping[str, Any], shape: list[int]):
+    """``(out_dim, {role: output indices})`` of a parameter's layout entry, checked to tile
+    its outputs exactly (``parts`` empty when it is not fused)."""
+    out_dim = layout.get("out_dim", 0)
+    if out_dim not in (0, 1) or len(shape) != 2:
+        raise ArtefactError(f"layout of '{name}' has out_dim {out_dim!r} for shape {shape}; "
+                            "expected 0 or 1 on a 2-D parameter")
+    parts = {r: torch.cat([torch.arange(a, b) for a, b in ranges])
+             for r, ranges in (layout.get("parts") or {}).items()}
+    # in storage order (q, k, v; gate, up): JSON metadata does not keep key order
+    parts = dict(sorted(parts.items(), key=lambda rv: int(rv[1].min())))
+    if parts:
+        every = torch.sort(torch.cat(list(parts.values()))).values
+        if not torch.equal(every, torch.arange(shape[out_dim])):
+            raise ArtefactError(f"layout of '{name}': parts {sorted(parts)} do not tile its "
+                                f"{shape[out_dim]} outputs exactly once")
+    return out_dim, parts
+
+
+def _stored_flat(rows: torch.Tensor, cols: torch.Tensor, out_dim: int, shape: list[int]):
+    """Flat indices in the stored tensor of logical entries (output ``rows``, input ``cols``)."""
+    return rows * shape[1] + cols if out_dim == 0 else cols * shape[1] + rows
+
+
+def _ranked(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype in (torch.float32, torch.bfloat16) else x.float()  # bf16 ranked as stored
 
 
 def select(
@@ -46,19 +99,31 @@ def select(
     model: Mapping[str, Any] | None = None,
     names: Iterable[str] | None = None,
     source: Mapping[str, Any] | None = None,
+    fused: Fused = "split",
+    layouts: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Region:
     """Select a region from importance ``scores`` (``name -> tensor``).
 
     Args:
         method: ``top`` (largest), ``bottom`` (smallest), ``middle`` (the band of k entries
             centred on the median) or ``random`` (uniform, seeded; ignores the scores' values).
-        ratio: fraction in (0, 1]; ``k = max(1, floor(ratio * n + 1/2))`` entries per unit.
-        scope: the unit k is taken from: ``matrix`` (each parameter, paper 1: "N equals 3% of
-            each parameter matrix"), ``row`` (each row of each 2-D parameter; 1-D = one row),
-            ``global`` (the whole set of parameters at once).
+        ratio: fraction in (0, 1]; ``k = n_select(n, ratio)`` entries per unit of ``n``.
+        scope: the unit k is taken from: ``matrix`` (each logical matrix, paper 1: "N equals
+            3% of each parameter matrix"), ``row`` (each logical output row of each 2-D
+            parameter; 1-D = one row), ``global`` (the whole set of parameters at once).
         names: restrict to these parameters (default all in ``scores``).
+        fused: ``split`` (each logical q/k/v, gate/up matrix of a fused parameter is a unit of
+            the ``matrix`` scope) or ``whole`` (the stored parameter is).
+        layouts: ``param -> {"out_dim", "parts"}`` (an importance artefact's ``layouts``
+            metadata, :func:`models.matrix_layouts`); parameters absent are plain
+            ``[out, in]`` matrices. ``None``: unknown (an artefact older than the record):
+            every parameter is taken whole, and the region's spec says so.
+
+    The region's ``spec`` records ``fused`` and ``split``: ``{param: [roles]}`` of the
+    parameters that were selected per logical sub-matrix.
     """
     ratio = check_ratio(ratio)
+    check_fused(fused)
     if method not in METHODS:
         raise RegionsError(f"selection method '{method}' is not one of {METHODS}."
                            + did_you_mean(str(method), METHODS))
@@ -71,43 +136,81 @@ def select(
             raise RegionsError(f"no scores for parameter '{n}'." + did_you_mean(n, scores))
     indices: dict[str, torch.Tensor] = {}
     shapes: dict[str, list[int]] = {}
+    split: dict[str, list[str]] = {}
     if scope == "global":
         indices, shapes = select_global(scores, names, method, ratio, seed)
     else:
         for n in names:
-            x = scores[n]
+            x = scores[n].detach()
             shapes[n] = list(x.shape)
-            flat = x.detach().reshape(-1)
-            if flat.dtype not in (torch.float32, torch.bfloat16):  # bf16 is ranked as stored
-                flat = flat.float()
-            if scope == "matrix":
+            lay = (layouts or {}).get(n)
+            out_dim, parts = _parts(n, lay, shapes[n]) if lay else (0, {})
+            if scope == "matrix" and parts and fused == "split":
+                idx = _select_parts(x, out_dim, parts, method, ratio, seed, n)
+                split[n] = list(parts)
+            elif scope == "matrix":
+                flat = _ranked(x.reshape(-1))
                 idx = select_flat(flat, n_select(flat.numel(), ratio), method, seed_for(seed, n))
             else:
-                rows = flat.view(-1, x.shape[-1]) if x.dim() > 1 else flat.view(1, -1)
-                k = n_select(rows.shape[1], ratio)
-                parts = [select_flat(r, k, method, seed_for(seed, f"{n}#{i}")) + i * rows.shape[1]
-                         for i, r in enumerate(rows)]
-                idx = torch.cat(parts)
-            indices[n] = idx.to(index_dtype(flat.numel()))
-    spec = {"method": method, "ratio": ratio, "scope": scope, "seed": seed,
-            "source": dict(source or {})}
+                idx = _select_rows(x, out_dim, method, ratio, seed, n)
+            indices[n] = idx.to(index_dtype(x.numel()))
+    spec = {"method": method, "ratio": ratio, "scope": scope, "seed": seed, "fused": fused,
+            "split": split, "source": dict(source or {})}
+    if layouts is None:
+        spec["layouts"] = "unknown"  # the importance predates the layout record
     return Region(indices, shapes, dict(model or {}), spec)
 
 
+def _select_parts(x: torch.Tensor, out_dim: int, parts: Mapping[str, torch.Tensor], method: str,
+                  ratio: float, seed: int, name: str) -> torch.Tensor:
+    """Per logical sub-matrix of a fused parameter: ``n_select`` of each part's entries,
+    ranked in its logical ``[out_part, in]`` order. Returns sorted stored flat indices."""
+    logical = x if out_dim == 0 else x.t()  # [out, in]
+    n_in = logical.shape[1]
+    picked = []
+    for role, rows in parts.items():
+        sub = _ranked(logical.index_select(0, rows).reshape(-1))
+        loc = select_flat(sub, n_select(sub.numel(), ratio), method,
+                          seed_for(seed, f"{name}#{role}")).long()
+        picked.append(_stored_flat(rows[loc // n_in], loc % n_in, out_dim, list(x.shape)))
+    return torch.sort(torch.cat(picked)).values
+
+
+def _select_rows(x: torch.Tensor, out_dim: int, method: str, ratio: float, seed: int,
+                 name: str) -> torch.Tensor:
+    """``n_select`` of each logical output row (a stored column when ``out_dim`` is 1)."""
+    if x.dim() < 2:
+        rows = x.reshape(1, -1)
+    else:
+        rows = x.reshape(-1, x.shape[-1]) if out_dim == 0 else x.t()
+    k = n_select(rows.shape[1], ratio)
+    picked = []
+    for i, r in enumerate(rows):
+        loc = select_flat(_ranked(r.contiguous()), k, method, seed_for(seed, f"{name}#{i}")).long()
+        if x.dim() < 2 or out_dim == 0:
+            picked.append(loc + i * rows.shape[1])
+        else:
+            picked.append(_stored_flat(torch.full_like(loc, i), loc, 1, list(x.shape)))
+    return torch.sort(torch.cat(picked)).values
+
+
 def select_from_importance(importance, method: Method, ratio: float, scope: Scope = "matrix",
-                           seed: int = 0) -> Region:
-    """:func:`select` over an :class:`~lmeval_regions.importance.Importance`, keeping provenance."""
+                           seed: int = 0, fused: Fused = "split") -> Region:
+    """:func:`select` over an :class:`~lmeval_regions.importance.Importance`, keeping provenance
+    and splitting fused parameters by its ``layouts`` record."""
     source = {"languages": importance.languages, "mode": importance.mode,
               "n_sequences": importance.n_sequences, "n_tokens": importance.n_tokens}
-    return select(importance.scores, method, ratio, scope, seed, importance.model, source=source)
+    return select(importance.scores, method, ratio, scope, seed, importance.model, source=source,
+                  fused=fused, layouts=importance.extra.get("layouts"))
 
 
 def select_file(path: str | os.PathLike, method: str, ratio: float, scope: str = "matrix",
-                seed: int = 0, names: Iterable[str] | None = None):
+                seed: int = 0, names: Iterable[str] | None = None, fused: Fused = "split"):
     """:func:`regions.select` over an importance artefact read tensor by tensor.
 
     The region keeps the artefact's model fingerprint and provenance, as
-    :func:`regions.select_from_importance` does for an in-memory importance.
+    :func:`regions.select_from_importance` does for an in-memory importance, and splits fused
+    parameters by the artefact's ``layouts`` metadata.
     """
     scores = LazyScores(path)
     if names is not None:
@@ -117,4 +220,5 @@ def select_file(path: str | os.PathLike, method: str, ratio: float, scope: str =
     source = {"file": str(path), "languages": meta.get("languages", []),
               "mode": meta.get("mode"), "n_sequences": meta.get("n_sequences"),
               "n_tokens": meta.get("n_tokens")}
-    return select(scores, method, ratio, scope, seed, meta.get("model", {}), names, source)
+    return select(scores, method, ratio, scope, seed, meta.get("model", {}), names, source,
+                  fused, meta.get("layouts"))

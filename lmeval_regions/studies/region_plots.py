@@ -3,7 +3,8 @@
 * :func:`neighbourhood_density`: fraction of region entries in the 3x3 neighbourhood of every
   entry of a matrix (zero padding at the borders), pooled down to at most ``max_px`` per side;
 * :func:`plot_region_heatmaps`: one PNG per projection role (q, k, v, o, gate, up, down), a grid
-  of those densities over layers, drawn as torch ``[out, in]`` (rows = output dims);
+  of those densities over layers, drawn as logical ``[out, in]`` (rows = output dims, whatever
+  the storage);
 * :func:`plot_distribution`: region entries per layer and per module, as bars;
 * :func:`plot_sweep`: perplexity per perturbed dimension (Fig. 3).
 
@@ -48,7 +49,8 @@ def plot_region_heatmaps(region: Region, mmap: ModuleMap, out_dir: str | os.Path
                          max_px: int = 128, prefix: str = "heatmap") -> list[Path]:
     """One PNG per role: the 3x3 density of ``region`` in that projection, one panel per layer.
 
-    A fused projection (BLOOM's q/k/v) is drawn as the role's own rows.
+    Every panel is the logical ``[out, in]`` view: a fused projection (BLOOM's, GPT-2's q/k/v)
+    is drawn as the role's own rows, a GPT-2 ``Conv1D`` (stored ``[in, out]``) transposed.
     """
     out_dir = Path(out_dir)
     layers = list(range(len(mmap.blocks))) if layers is None else list(layers)

@@ -181,7 +181,8 @@ def run_extract(s: dict[str, Any]) -> int:
     args: ExtractArgs = s["args"]
     sel: SelectionConfig = s["selection"]
     imp = _load_importance(args.importance)
-    region = select_from_importance(imp, args.method, args.ratio, sel.scope, sel.seed)
+    region = select_from_importance(imp, args.method, args.ratio, sel.scope, sel.seed,
+                                    sel.fused)
     region.spec["importance_files"] = list(args.importance)
     region.save(args.out)
     total = sum(t.numel() for t in imp.scores.values())
@@ -328,8 +329,10 @@ def run_monolingual(s: dict[str, Any]) -> int:
     tops, bottoms = {}, {}
     for lang, paths in args.files().items():
         imp = _load_importance(tuple(paths))
-        tops[lang] = select_from_importance(imp, "top", args.ratio, sel.scope, sel.seed)
-        bottoms[lang] = select_from_importance(imp, "bottom", args.ratio, sel.scope, sel.seed)
+        tops[lang] = select_from_importance(imp, "top", args.ratio, sel.scope, sel.seed,
+                                            sel.fused)
+        bottoms[lang] = select_from_importance(imp, "bottom", args.ratio, sel.scope, sel.seed,
+                                               sel.fused)
     mono = monolingual(tops, bottoms)
     out_dir = Path(args.out_dir)
     print(f"{'lang':<6} {'top':>10} {'mono top':>10} {'bottom':>10} {'mono bottom':>12}")

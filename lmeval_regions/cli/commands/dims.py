@@ -17,7 +17,7 @@ from lmeval_regions.dimensions import SETTINGS, OutlierConfig
 from lmeval_regions.errors import RegionsError
 from lmeval_regions.importance import ImportanceConfig
 from lmeval_regions.models import ModelConfig
-from lmeval_regions.regions import METHODS
+from lmeval_regions.regions import METHODS, SelectionConfig
 from lmeval_regions.studies.dims_report import DimsReportConfig, run_dims_report
 
 MODEL = ("model", ModelConfig)
@@ -25,9 +25,18 @@ CORPUS = ("corpus", CorpusConfig)
 HELDOUT = ("heldout", HeldOutConfig)
 
 
+def check_architecture(model: ModelConfig, needs: str = "projections") -> None:
+    """Refuse, from the model's config alone (no weights: milliseconds), an architecture whose
+    projections (or norms) the dimension studies cannot map."""
+    from lmeval_regions.models import check_module_map, meta_model
+
+    check_module_map(meta_model(model), needs=needs)
+
+
 def run_report(s: dict[str, Any]) -> int:
+    check_architecture(s["model"])
     run_dims_report(s["model"], s["corpus"], s["heldout"], s["importance"], s["outliers"],
-                    s["report"])
+                    s["report"], s["selection"])
     return 0
 
 
@@ -68,6 +77,7 @@ def run_dims(s: dict[str, Any]) -> int:
     corpus: CorpusConfig = s["corpus"]
     held: HeldOutConfig = s["heldout"]
     texts = held.load(corpus.path(), held.langs(corpus))
+    check_architecture(s["model"])
     model, tok = load_model(s["model"])
     region = Region.load(args.region, model)
     evaluate = make_evaluator(model, tok, texts, corpus.max_length, corpus.batch_size)
@@ -91,6 +101,7 @@ def run_outliers(s: dict[str, Any]) -> int:
 
     corpus: CorpusConfig = s["corpus"]
     data = corpus.load()
+    check_architecture(s["model"], needs="norms")
     model, tok = load_model(s["model"])
     bs = [b for units in data.values()
           for b in batches(tok, [u["text"] for u in units], corpus.batch_size, corpus.max_length)]
@@ -123,6 +134,7 @@ def run_plot(s: dict[str, Any]) -> int:
     from lmeval_regions.studies.region_plots import plot_distribution, plot_region_heatmaps
 
     args: PlotRegionArgs = s["args"]
+    check_architecture(s["model"])
     model, _ = load_model(s["model"])
     region = Region.load(args.region, model)
     paths = plot_region_heatmaps(region, find_module_map(model), args.out, max_px=args.max_px)
@@ -140,7 +152,8 @@ COMMANDS = [
             "example: lmeval-regions dims-report --model gemma-3-270m --max-length 128 \\\n"
             "             --eval-units 2 --importance core.safetensors --out reports/dims",
             [MODEL, CORPUS, HELDOUT, ("importance", ImportanceConfig),
-             ("outliers", OutlierConfig), ("report", DimsReportConfig)], run_report,
+             ("outliers", OutlierConfig), ("selection", SelectionConfig),
+             ("report", DimsReportConfig)], run_report,
             lambda s: config_inside(s["report"].out)),
     Command("dims", "structured removal table of a region file",
             "Zero N_d whole rows/columns per matrix per layer, picked from a region's counts,\n"

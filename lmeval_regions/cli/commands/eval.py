@@ -61,10 +61,8 @@ def run_table(s: dict[str, Any]) -> int:
     pretrained = hf.pop("pretrained")
     device = hf.pop("device", None)
     table = run_grid(pretrained, conditions, list(args.tasks), Path(args.out),
-                     importance=args.importance, scope=sel.scope, seed=sel.seed,
-                     metric=args.metric, model_args={**hf, **lm.model_args},
-                     include_path=lm.include_path, limit=lm.limit, batch_size=lm.batch_size(),
-                     device=device, task_metadata=lm.metadata or None)
+                     importance=args.importance, selection=sel, lm_eval_config=lm,
+                     model_args=hf, metric=args.metric, device=device)
     print(table.markdown())
     print(f"written: {Path(args.out) / 'table.md'}, {Path(args.out) / 'table.json'}")
     return 0

@@ -174,11 +174,11 @@ class ImportNeuronsArgs:
 
 
 def run_import_neurons(s: dict[str, Any]) -> int:
-    from lmeval_regions.models import load_skeleton
+    from lmeval_regions.models import meta_model
     from lmeval_regions.neurons.importer import import_lape
 
     args: ImportNeuronsArgs = s["args"]
-    ns = import_lape(args.file, load_skeleton(s["model"]), list(args.languages))
+    ns = import_lape(args.file, meta_model(s["model"]), list(args.languages))
     ns.save(args.out)
     sizes = ", ".join(f"{name}={ns.numel(name)}" for name in ns.sets)
     print(f"wrote {args.out}: {sizes}")
