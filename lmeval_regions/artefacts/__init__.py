@@ -3,16 +3,19 @@
 * :mod:`.atomic` -- :func:`atomic_path`, :func:`write_text_atomic` (every file we write);
 * :mod:`.format` -- :func:`save_artefact` / :func:`load_artefact` / :func:`read_metadata`, the
   model fingerprint and its check, :func:`file_digest`;
+* :mod:`.locks` -- :func:`locked`: one writer per output across processes;
 * :mod:`.streaming` -- :class:`LazyScores` (one tensor in memory at a time) and
   :func:`write_safetensors` (tensor-by-tensor writing) for artefacts of any size.
 """
 
 from lmeval_regions.artefacts.atomic import atomic_path, write_text_atomic
-from lmeval_regions.artefacts.format import (METADATA_KEY, check_fingerprint, file_digest,
-                                             iter_tensors, load_artefact, model_fingerprint,
-                                             read_metadata, save_artefact)
+from lmeval_regions.artefacts.format import (METADATA_KEY, check_fingerprint, check_same_model,
+                                             file_digest, iter_tensors, load_artefact,
+                                             model_fingerprint, read_metadata, save_artefact)
+from lmeval_regions.artefacts.locks import lock_file, locked
 from lmeval_regions.artefacts.streaming import DTYPES, LazyScores, torch_dtype, write_safetensors
 
 __all__ = ["DTYPES", "METADATA_KEY", "LazyScores", "atomic_path", "check_fingerprint",
-           "file_digest", "iter_tensors", "load_artefact", "model_fingerprint", "read_metadata",
+           "check_same_model", "file_digest", "iter_tensors", "load_artefact", "lock_file",
+           "locked", "model_fingerprint", "read_metadata",
            "save_artefact", "torch_dtype", "write_safetensors", "write_text_atomic"]

@@ -17,7 +17,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 from safetensors import safe_open
@@ -73,6 +73,33 @@ def check_fingerprint(
                 f"{what} was made for another model: parameter '{name}' has shape "
                 f"{want[name]} in the file but {have[name]} in the loaded model"
             )
+
+
+def _natural(name: str) -> list:
+    """Sort key putting ``layers.2`` before ``layers.10``."""
+    return [int(t) if t.isdigit() else t for t in name.replace(".", " ").split()]
+
+
+def check_same_model(paths: Iterable[str | os.PathLike], kind: str | None = None
+                     ) -> dict[str, Any]:
+    """Check that artefacts were made for one model (from their metadata alone: nothing else
+    is read); returns the first one's fingerprint. A mismatch names both files and the first
+    parameter (in layer order) that differs."""
+    paths = [Path(p) for p in paths]
+    docs = [(p, read_metadata(p, kind)) for p in paths]
+    base_path, base = docs[0][0], docs[0][1].get("model") or {}
+    for p, doc in docs[1:]:
+        other = doc.get("model") or {}
+        if not base or not other or other.get("sha256") == base.get("sha256"):
+            continue  # ad-hoc regions carry no fingerprint
+        a, b = base["params"], other["params"]
+        for name in sorted(set(a) | set(b), key=_natural):
+            if a.get(name) != b.get(name):
+                raise ModelMismatchError(
+                    f"'{base_path}' and '{p}' were made for different models: parameter "
+                    f"'{name}' has shape {a.get(name, 'absent')} in the first and "
+                    f"{b.get(name, 'absent')} in the second")
+    return base
 
 
 def save_artefact(

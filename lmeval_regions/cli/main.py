@@ -20,17 +20,35 @@ import importlib
 import os
 import sys
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from lmeval_regions import __version__
+from lmeval_regions.artefacts import locked
 from lmeval_regions.cli.options import (Section, add_sections, build_sections, read_config_file,
                                         save_run_config)
 from lmeval_regions.errors import RegionsError
+from lmeval_regions.models import ModelConfig
 
 # Modules under lmeval_regions.cli.commands; each defines COMMANDS: list[Command].
 GROUPS = ["core", "eval", "dims", "neurons", "data", "demo"]
+
+
+@dataclass
+class Files:
+    """What a command reads and writes, checked (and the outputs locked) before it runs."""
+
+    inputs: list[str] = field(default_factory=list)
+    """Files read: they must exist, and are never written."""
+    outputs: list[str] = field(default_factory=list)
+    """Files written: never an input; an existing one is refused unless --overwrite."""
+    folders: list[str] = field(default_factory=list)
+    """Folders written into (reports, caches): they may exist, a second run resumes in them."""
+    resumable: list[str] = field(default_factory=list)
+    """Outputs the command itself reuses when they were made from the same inputs."""
+    model: ModelConfig | None = None
+    """The model the artefact inputs must fit (checked from its config, before any weight)."""
 
 
 @dataclass
@@ -44,7 +62,18 @@ class Command:
     sections: list[Section]
     run: Callable[[dict[str, Any]], "int | None"]
     output: Callable[[dict[str, Any]], "Path | None"] | None = None
-    """Where the run's config is saved: a file (config beside it) or a folder (config inside)."""
+    """The path of the run's config file (beside an output file, or inside an output folder)."""
+    files: Callable[[dict[str, Any]], Files] | None = None
+    """What the command reads and writes (see :class:`Files`)."""
+
+
+@dataclass
+class RunOptions:
+    """Flags about this invocation, not about the result (never saved in a config)."""
+
+    overwrite: bool = False
+    debug: bool = False
+    quiet: bool = False
 
 
 def commands() -> list[Command]:
@@ -74,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="show the traceback of an error")
         sp.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS,
                         help="no progress bars")
+        sp.add_argument("--overwrite", action="store_true", default=argparse.SUPPRESS,
+                        help="replace outputs that already exist (never an input)")
         add_sections(sp, cmd.sections)
         sp.set_defaults(_command=cmd)
     return p
@@ -91,12 +122,66 @@ def run_command(cmd: Command, ns: argparse.Namespace) -> int:
                                f"'{cmd.name}'; run `lmeval-regions {named} --config {ns.config}`")
     sections = build_sections(cmd.sections, argparse.Namespace(**given), file_doc,
                               source=f"--config {ns.config}" if file_doc is not None else "")
-    code = cmd.run(sections)
+    run = RunOptions(**{k: bool(getattr(ns, k, False)) for k in ("overwrite", "debug", "quiet")})
+    files = cmd.files(sections) if cmd.files else Files()
     target = cmd.output(sections) if cmd.output else None
-    if target is not None:
-        saved = save_run_config(target, cmd.name, sections)
-        print(f"config: {saved}")
+    outputs = [*files.outputs, *([str(target)] if target is not None else [])]
+    check_files(files, outputs, run.overwrite)
+    with locked([*outputs, *files.folders]):
+        sections["run"] = run
+        code = cmd.run(sections)
+        del sections["run"]
+        if target is not None:
+            saved = save_run_config(target, cmd.name, sections)
+            print(f"config: {saved}")
     return int(code or 0)
+
+
+def check_files(files: Files, outputs: list[str], overwrite: bool) -> None:
+    """Before any work: inputs exist and fit one model (and the model, from its config);
+    outputs are not inputs, do not exist (unless --overwrite or resumable) and can be
+    written."""
+    from lmeval_regions.artefacts import check_same_model, read_metadata
+
+    inputs = {}
+    for p in files.inputs:
+        if not Path(p).is_file():
+            raise RegionsError(f"input '{p}' does not exist (or is not a file)")
+        inputs[Path(p).resolve()] = p
+    for p in [*outputs, *files.folders]:
+        if Path(p).resolve() in inputs:
+            raise RegionsError(f"output '{p}' is also an input of this command; writing it "
+                               "would destroy the input: give another output path")
+    for p in outputs:
+        if Path(p).exists() and not overwrite and p not in files.resumable \
+                and not str(p).endswith(".config.yaml") and Path(p).name != "config.yaml":
+            raise RegionsError(f"output '{p}' already exists: give another path, or pass "
+                               "--overwrite to replace it")
+    for p in [*[str(Path(o).parent) for o in outputs], *files.folders]:
+        folder = Path(p)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RegionsError(f"cannot create the output folder '{folder}': "
+                               f"{e.strerror or e}") from None
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise RegionsError(f"cannot write into '{folder}': permission denied")
+    artefacts = [p for p in files.inputs if p.endswith(".safetensors")]
+    if len(artefacts) > 1:
+        check_same_model(artefacts)
+    if artefacts and files.model is not None:
+        from lmeval_regions.artefacts import check_fingerprint
+        from lmeval_regions.models import meta_model
+
+        skeleton = meta_model(files.model)
+        for p in artefacts:
+            doc = read_metadata(p)
+            if doc.get("model") and doc.get("kind") in ("region", "importance"):
+                from safetensors import safe_open
+
+                with safe_open(p, framework="pt") as f:
+                    names = list(f.keys())
+                check_fingerprint(doc["model"], skeleton, what=f"'{p}'", names=names)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from lmeval_regions.cli.main import Command
+from lmeval_regions.cli.main import Command, Files
 from lmeval_regions.cli.options import config_beside, config_inside
 from lmeval_regions.corpora import CorpusConfig, HeldOutConfig
 from lmeval_regions.errors import RegionsError
@@ -87,20 +87,37 @@ def per_language_path(out: Path, lang: str, several: bool) -> Path:
 
 
 def run_importance(s: dict[str, Any]) -> int:
-    from lmeval_regions.artefacts import file_digest
+    from dataclasses import asdict
+
+    from lmeval_regions.artefacts import file_digest, read_metadata
     from lmeval_regions.corpora import batches
-    from lmeval_regions.importance import combine, compute_importance
+    from lmeval_regions.importance import Importance, combine, compute_importance
     from lmeval_regions.models import load_model
 
     corpus: CorpusConfig = s["corpus"]
     args: ImportanceArgs = s["args"]
     data = corpus.load()  # checks the corpus before the (slow) model load
     path = corpus.path()
-    model, tok = load_model(s["model"])
     digest = file_digest(path)
     out = Path(args.out)
+    several = len(corpus.langs) > 1
+    model = tok = None
     parts = []
     for lang in corpus.langs:
+        target = per_language_path(out, lang, several) if several or not args.combine else None
+        # what this language's scores depend on: a file made from the same is reused
+        key = {"model": asdict(s["model"]), "importance": asdict(s["importance"]),
+               "corpus": {**asdict(corpus), "langs": [lang]}, "sha256": digest}
+        if target is not None and target.exists():
+            if read_metadata(target, "importance").get("run") == key:
+                print(f"[importance] {lang}: reused {target}", flush=True)
+                parts.append(Importance.load(target))
+                continue
+            if not s["run"].overwrite:
+                raise RegionsError(f"'{target}' exists but was made from other inputs; pass "
+                                   "--overwrite to recompute it, or give another --out")
+        if model is None:
+            model, tok = load_model(s["model"])
         texts = [u["text"] for u in data[lang]]
         source = {"file": path.name, "sha256": digest, "lang": lang,
                   "units": [corpus.skip, corpus.skip + corpus.units],
@@ -110,9 +127,8 @@ def run_importance(s: dict[str, Any]) -> int:
         imp = compute_importance(model, list(batches(tok, texts, corpus.batch_size,
                                                      corpus.max_length)),
                                  s["importance"], languages=[lang], sources=[source])
-        several = len(corpus.langs) > 1
-        if several or not args.combine:
-            target = per_language_path(out, lang, several)
+        imp.extra["run"] = key
+        if target is not None:
             imp.save(target)
             print(f"wrote {target} ({imp.n_sequences} sequences, {imp.n_tokens} tokens, "
                   f"{imp.n_skipped} skipped)")
@@ -424,9 +440,37 @@ def run_apply(s: dict[str, Any]) -> int:
 
 def _apply_output(s: dict[str, Any]) -> Path | None:
     args: ApplyArgs = s["args"]
-    if args.save:
-        return config_inside(args.save)
+    if args.save:  # an HF model folder: its own config.json is the model's
+        return Path(args.save) / "lmeval_regions.config.yaml"
     return config_beside(args.json) if args.json else None
+
+
+def _apply_files(s: dict[str, Any]) -> Files:
+    from lmeval_regions.interventions import parse_edits
+
+    args: ApplyArgs = s["args"]
+    regions = [t for t, _ in parse_edits(args.edit) if t.endswith(".safetensors")]
+    return Files(inputs=regions, outputs=[args.json] if args.json else [],
+                 folders=[args.save] if args.save else [], model=s["model"])
+
+
+def _importance_files(s: dict[str, Any]) -> Files:
+    corpus: CorpusConfig = s["corpus"]
+    args: ImportanceArgs = s["args"]
+    out = Path(args.out)
+    several = len(corpus.langs) > 1
+    per_lang = ([str(per_language_path(out, lang, several)) for lang in corpus.langs]
+                if several or not args.combine else [])
+    return Files(outputs=[*per_lang, *([args.out] if args.combine else [])],
+                 resumable=per_lang)
+
+
+def _monolingual_files(s: dict[str, Any]) -> Files:
+    args: MonolingualArgs = s["args"]
+    files = [p for paths in args.files().values() for p in paths]
+    langs = list(args.files())
+    return Files(inputs=files, outputs=[str(Path(args.out_dir) / f"{l}.{band}.safetensors")
+                                         for l in langs for band in ("top", "bottom")])
 
 
 COMMANDS = [
@@ -446,12 +490,13 @@ COMMANDS = [
             "  lmeval-regions importance --langs ar,es --out 'imp_{lang}.safetensors' \\\n"
             "      --device cuda --dtype bfloat16",
             [MODEL, CORPUS, ("importance", ImportanceConfig), ("args", ImportanceArgs)],
-            run_importance, lambda s: config_beside(s["args"].out)),
+            run_importance, lambda s: config_beside(s["args"].out), _importance_files),
     Command("combine", "sum importance files (e.g. per-language into the core score)",
             "Sum importance files of the same model and mode.\n\n"
             "example: lmeval-regions combine imp.ar.safetensors imp.es.safetensors "
             "--out imp.safetensors",
-            [("args", CombineArgs)], run_combine, lambda s: config_beside(s["args"].out)),
+            [("args", CombineArgs)], run_combine, lambda s: config_beside(s["args"].out),
+            lambda s: Files(inputs=list(s["args"].files), outputs=[s["args"].out])),
     Command("extract", "select a region (Top/Bottom/Middle/Random) from importance",
             "Select a region from importance scores and save its flat indices.\n"
             "  top/bottom: the largest/smallest scores; middle: the band around the median;\n"
@@ -461,19 +506,23 @@ COMMANDS = [
             "example: lmeval-regions extract --importance imp.safetensors --method top \\\n"
             "             --ratio 0.01 --scope matrix --out top1.safetensors",
             [("args", ExtractArgs), SELECTION], run_extract,
-            lambda s: config_beside(s["args"].out)),
+            lambda s: config_beside(s["args"].out),
+            lambda s: Files(inputs=list(s["args"].importance), outputs=[s["args"].out])),
     Command("setop", "union / intersection / difference of regions",
             "Set algebra over region files, applied left to right.\n\n"
             "example: lmeval-regions setop difference top1.safetensors ar.top.safetensors "
             "--out core_wo_ar.safetensors",
-            [("args", SetopArgs)], run_setop, lambda s: config_beside(s["args"].out)),
+            [("args", SetopArgs)], run_setop, lambda s: config_beside(s["args"].out),
+            lambda s: Files(inputs=list(s["args"].regions), outputs=[s["args"].out])),
     Command("stats", "counts per layer/module, Jaccard overlap",
             "Print a region's size per layer and per module kind; with --against, the Jaccard\n"
             "overlap in total and per layer.\n\n"
             "example: lmeval-regions stats top1.safetensors --against ar.top.safetensors "
             "--json stats.json",
             [("args", StatsArgs)], run_stats,
-            lambda s: config_beside(s["args"].json) if s["args"].json else None),
+            lambda s: config_beside(s["args"].json) if s["args"].json else None,
+            lambda s: Files(inputs=[p for p in (s["args"].region, s["args"].against) if p],
+                            outputs=[s["args"].json] if s["args"].json else [])),
     Command("monolingual", "monolingual regions (paper 1, Eq. 5)",
             "Per language: its Top (and Bottom) region minus every other language's Top and\n"
             "Bottom regions (paper 1, Eq. 5). Writes DIR/LANG.top.safetensors and\n"
@@ -481,7 +530,7 @@ COMMANDS = [
             "example: lmeval-regions monolingual --importance ar=imp.ar.safetensors,"
             "es=imp.es.safetensors \\\n             --ratio 0.01 --out-dir mono/",
             [("args", MonolingualArgs), SELECTION], run_monolingual,
-            lambda s: config_inside(s["args"].out_dir)),
+            lambda s: config_inside(s["args"].out_dir), _monolingual_files),
     Command("apply", "apply interventions; perplexity before/after, or save the edited model",
             "Apply interventions to a model: TARGET@INTERVENTION items separated by ';'.\n"
             "TARGET: a region file or an entry spec (NAME[i], NAME[:, j], globs allowed);\n"
@@ -491,7 +540,8 @@ COMMANDS = [
             "  lmeval-regions apply --edit top1.safetensors@zero --eval-langs en,ar\n"
             "  lmeval-regions apply --edit 'model.layers.*.input_layernorm.weight[5]@scale:10' \\\n"
             "      --no-evaluate --save edited_model/",
-            [MODEL, CORPUS, HELDOUT, ("args", ApplyArgs)], run_apply, _apply_output),
+            [MODEL, CORPUS, HELDOUT, ("args", ApplyArgs)], run_apply, _apply_output,
+            _apply_files),
 ]
 
 __all__ = ["COMMANDS", "METHODS", "per_language_path", "region_stats"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from lmeval_regions.cli.main import Command
+from lmeval_regions.cli.main import Command, Files
 
 
 @dataclass
@@ -42,7 +42,9 @@ COMMANDS = [
             "the 31-language UDHR units as JSONL, by default to\n"
             "$LMEVAL_REGIONS_CACHE/data/udhr_parallel_31.jsonl, where tasks and commands find it.\n\n"
             "example: lmeval-regions fetch-udhr --out udhr.jsonl",
-            [("args", FetchUdhrArgs)], run_fetch_udhr),
+            [("args", FetchUdhrArgs)], run_fetch_udhr, None,
+            lambda s: Files(inputs=[s["args"].tarball] if s["args"].tarball else [],
+                            outputs=[s["args"].out] if s["args"].out else [])),
     Command("tasks-path", "print the installed lm-eval task folder",
             "Print the folder of our lm-eval tasks, for\n"
             "`lm_eval --include_path \"$(lmeval-regions tasks-path)\"`.\n\n"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lmeval_regions.cli.main import Command
+from lmeval_regions.cli.main import Command, Files
 from lmeval_regions.cli.options import config_inside
 from lmeval_regions.corpora import CorpusConfig
 from lmeval_regions.importance import ImportanceConfig
@@ -33,5 +33,5 @@ COMMANDS = [
             "  lmeval-regions demo --model smollm2-135m --langs ar,es,ru --eval-langs paper2",
             [("model", ModelConfig), ("corpus", CorpusConfig), ("importance", ImportanceConfig),
              ("demo", DemoConfig)], run,
-            lambda s: config_inside(s["demo"].out)),
+            lambda s: config_inside(s["demo"].out), lambda s: Files(folders=[s["demo"].out])),
 ]

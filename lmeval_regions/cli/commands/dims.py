@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from lmeval_regions.artefacts import write_text_atomic
-from lmeval_regions.cli.main import Command
+from lmeval_regions.cli.main import Command, Files
 from lmeval_regions.cli.options import config_beside, config_inside
 from lmeval_regions.corpora import CorpusConfig, HeldOutConfig
 from lmeval_regions.dimensions import SETTINGS, OutlierConfig
@@ -154,24 +154,31 @@ COMMANDS = [
             [MODEL, CORPUS, HELDOUT, ("importance", ImportanceConfig),
              ("outliers", OutlierConfig), ("selection", SelectionConfig),
              ("report", DimsReportConfig)], run_report,
-            lambda s: config_inside(s["report"].out)),
+            lambda s: config_inside(s["report"].out),
+            lambda s: Files(inputs=[s["report"].importance] if s["report"].importance else [],
+                            folders=[s["report"].out], model=s["model"])),
     Command("dims", "structured removal table of a region file",
             "Zero N_d whole rows/columns per matrix per layer, picked from a region's counts,\n"
             "for each setting x method x N_d; held-out perplexity after each (weights restored).\n\n"
             "example: lmeval-regions dims top1.safetensors --eval-units 2 --n-dims 1,3 "
             "--out dims.json",
             [MODEL, CORPUS, HELDOUT, ("args", DimsArgs)], run_dims,
-            lambda s: config_beside(s["args"].out)),
+            lambda s: config_beside(s["args"].out),
+            lambda s: Files(inputs=[s["args"].region], outputs=[s["args"].out],
+                            model=s["model"])),
     Command("outliers", "massive-activation and norm-weight outlier dims",
             "Run the corpus with hidden states and report hidden dims whose max |h| reaches\n"
             "--outlier-ratio x the layer median, and norm weights with robust z >= --norm-z.\n\n"
             "example: lmeval-regions outliers --units 2 --out outliers.json",
             [MODEL, CORPUS, ("outliers", OutlierConfig), ("args", OutliersArgs)], run_outliers,
-            lambda s: config_beside(s["args"].out) if s["args"].out else None),
+            lambda s: config_beside(s["args"].out) if s["args"].out else None,
+            lambda s: Files(outputs=[s["args"].out] if s["args"].out else [])),
     Command("plot-region", "region density heatmaps and distribution (PNG)",
             "Draw a region: 3x3 density heatmaps per projection role and layer, and its\n"
             "distribution over layers and modules.\n\n"
             "example: lmeval-regions plot-region top1.safetensors --out plots/",
             [MODEL, ("args", PlotRegionArgs)], run_plot,
-            lambda s: config_inside(s["args"].out)),
+            lambda s: config_inside(s["args"].out),
+            lambda s: Files(inputs=[s["args"].region], folders=[s["args"].out],
+                            model=s["model"])),
 ]

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmeval_regions.cli.main import Command
+from lmeval_regions.cli.main import Command, Files
 from lmeval_regions.cli.options import config_inside
 from lmeval_regions.errors import RegionsError
 from lmeval_regions.eval.grid import LmEvalConfig
@@ -68,6 +68,16 @@ def run_table(s: dict[str, Any]) -> int:
     return 0
 
 
+def _table_files(s: dict[str, Any]) -> Files:
+    from lmeval_regions.parsing import pairs
+
+    args: TableArgs = s["args"]
+    regions = [t for _, t in pairs(args.regions, what="--regions", form="LABEL=REGION")
+               if t.endswith(".safetensors")]
+    return Files(inputs=[*([args.importance] if args.importance else []), *regions],
+                 folders=[args.out], model=s["model"])
+
+
 COMMANDS = [
     Command("table", "run a model x regions x tasks grid through lm-eval; Table-1 layout",
             "Evaluate Base and Top/Bottom/Random regions at each ratio (zeroed) on lm-eval\n"
@@ -80,5 +90,6 @@ COMMANDS = [
             "  lmeval-regions table --model PATH --regions mine=region.safetensors --tasks "
             "text_ppl \\\n      --metadata '{\"text_path\": \"/data/x.jsonl\"}' --out t/",
             [("model", ModelConfig), ("lm_eval", LmEvalConfig), ("selection", SelectionConfig),
-             ("args", TableArgs)], run_table, lambda s: config_inside(s["args"].out)),
+             ("args", TableArgs)], run_table, lambda s: config_inside(s["args"].out),
+            _table_files),
 ]

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lmeval_regions.activations import ActivationConfig
-from lmeval_regions.cli.main import Command
+from lmeval_regions.cli.main import Command, Files
 from lmeval_regions.cli.options import config_beside, config_inside
 from lmeval_regions.corpora import CorpusConfig, HeldOutConfig
 from lmeval_regions.errors import RegionsError
@@ -191,7 +191,7 @@ COMMANDS = [
             "every MLP neuron of every layer (input of the down projection), streamed to disk.\n\n"
             "example: lmeval-regions activations --langs all --units 12 --out acts.safetensors",
             [MODEL, CORPUS, CAPTURE, ("args", ActivationsArgs)], run_activations,
-            lambda s: config_beside(s["args"].out)),
+            lambda s: config_beside(s["args"].out), lambda s: Files(outputs=[s["args"].out])),
     Command("neurons", "paper 2 analysis: similarity, LRDS/SADS, key neurons, LAPE, "
             "deactivation table, report",
             "Capture activations (or reuse --activations), then: similarity map, LRDS/SADS\n"
@@ -201,7 +201,9 @@ COMMANDS = [
             "example: lmeval-regions neurons --langs all --units 12 --max-length 128 \\\n"
             "             --eval-langs paper2 --eval-units 4 --out reports/neurons",
             [MODEL, CORPUS, HELDOUT, CAPTURE, ANALYSIS, ("args", NeuronsArgs)], run_neurons,
-            lambda s: config_inside(s["args"].out)),
+            lambda s: config_inside(s["args"].out),
+            lambda s: Files(inputs=[s["args"].activations] if s["args"].activations else [],
+                            folders=[s["args"].out])),
     Command("neuron-sweep", "LRDS/SADS/SKLR over several models or revisions",
             "The same metrics (LRDS, SADS, SKLR, key-neuron share) for each model or revision,\n"
             "captured on the same corpus: sweep.json and sweep.md.\n\n"
@@ -210,7 +212,7 @@ COMMANDS = [
             "  lmeval-regions neuron-sweep --model ORG/MODEL --revisions step1000,step2000 "
             "--out sweep/",
             [MODEL, CORPUS, CAPTURE, ANALYSIS, ("args", SweepArgs)], run_sweep,
-            lambda s: config_inside(s["args"].out)),
+            lambda s: config_inside(s["args"].out), lambda s: Files(folders=[s["args"].out])),
     Command("import-neurons", "import a published LAPE neuron file as a neuron set",
             "Read a LAPE release neuron file (language -> layer -> neuron indices; no arbitrary\n"
             "unpickling) and write it as a neuron-set artefact over --model, checked against the\n"
@@ -220,5 +222,6 @@ COMMANDS = [
             "         lm_eval --model hf-regions --model_args pretrained=meta-llama/Llama-2-7b-hf,"
             "neurons=lape.safetensors,neuron_set=zh ...",
             [MODEL, ("args", ImportNeuronsArgs)], run_import_neurons,
-            lambda s: config_beside(s["args"].out)),
+            lambda s: config_beside(s["args"].out),
+            lambda s: Files(inputs=[s["args"].file], outputs=[s["args"].out])),
 ]
