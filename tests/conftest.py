@@ -27,28 +27,35 @@ def _threads(request):
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
-def tiny_config(arch: str):
-    from transformers import BloomConfig, Gemma3TextConfig, LlamaConfig
+def tiny_config(arch: str, vocab_size: int = 128):
+    from transformers import (BloomConfig, Gemma3TextConfig, GPT2Config, GPTNeoXConfig,
+                              LlamaConfig)
 
     if arch == "llama":
-        return LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64,
+        return LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                            max_position_embeddings=128, tie_word_embeddings=False)
     if arch == "gemma3":
-        return Gemma3TextConfig(vocab_size=128, hidden_size=32, intermediate_size=64,
+        return Gemma3TextConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                 head_dim=8, max_position_embeddings=128, sliding_window=16,
                                 layer_types=["sliding_attention", "full_attention"])
     if arch == "bloom":
-        return BloomConfig(vocab_size=128, hidden_size=32, n_layer=2, n_head=4)
+        return BloomConfig(vocab_size=vocab_size, hidden_size=32, n_layer=2, n_head=4)
+    if arch == "gpt_neox":
+        return GPTNeoXConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+                             num_hidden_layers=2, num_attention_heads=4,
+                             max_position_embeddings=512)
+    if arch == "gpt2":
+        return GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=512)
     raise ValueError(arch)
 
 
-def tiny_model(arch: str, seed: int = 0):
+def tiny_model(arch: str, seed: int = 0, vocab_size: int = 128):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(arch))
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, vocab_size))
     # Random-init norms are all ones; perturb everything a little so no two entries tie.
     with torch.no_grad():
         for p in model.parameters():
