@@ -369,8 +369,9 @@ def test_importance_over_streams_records_provenance(tiny_lm_dir, smollm_tokenize
     cfg = CorpusConfig(texts=f"ar={d / 'ar.txt'},es={d / 'es.txt'}", tokens="40", pack=True,
                        max_length=16)
     for lang, stream in cfg.streams(smollm_tokenizer).items():
-        imp = compute_importance(model, stream, languages=[lang], progress=False)
-        imp.sources = [stream.provenance]
+        # the record is filled while importance consumes the stream
+        imp = compute_importance(model, stream, languages=[lang], sources=[stream.provenance],
+                                 progress=False)
         imp.save(tmp_path / f"imp.{lang}.safetensors")
         prov = Importance.load(tmp_path / f"imp.{lang}.safetensors").sources[0]
         assert prov["complete"] and prov["tokens"] == imp.n_tokens == 40

@@ -243,7 +243,8 @@ class TokenStream:
 
     Iterating yields ``{"input_ids", "attention_mask", "labels"}`` batches (``(batch, seq)``
     int64, labels -100 on padding and context-only tokens). :attr:`provenance` is filled as
-    the batches are produced and has ``"complete": True`` once the last one was::
+    the batches are produced (the same dict object, so a reference taken before iterating is
+    complete afterwards) and has ``"complete": True`` once the last one was::
 
         {"lang", "source", "kind", "sha256" (files) | "hub"/"config"/"split"/"revision",
          "text_field", "lang_field" (tables) | "text_unit" (text), "skip", "amount",
@@ -309,7 +310,11 @@ class TokenStream:
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         cfg = self.config
-        prov = self.provenance = self._header()
+        # reset in place: a reference taken before iterating (sources=[stream.provenance])
+        # sees the final record
+        prov = self.provenance
+        prov.clear()
+        prov.update(self._header())
         yield from collate(self._sequences(prov), cfg.batch_size, pad_id(self.tokenizer))
         src = prov["source"]
         if cfg.tokens is not None and prov["tokens"] < cfg.token_budget:
