@@ -1,4 +1,5 @@
-"""Parsing of the small text forms users type: comma lists, ``KEY=VALUE`` pairs, number lists.
+"""Parsing of the small text forms users type: comma lists, ``KEY=VALUE`` pairs, number lists,
+counts with suffixes (``500k``, ``2M``).
 
 One implementation each, used by the CLI generator, ``hf-regions`` model_args and the studies;
 every error names the text and the expected form.
@@ -6,6 +7,7 @@ every error names the text and the expected form.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Callable, Iterable, TypeVar
 
 from .errors import RegionsError
@@ -91,3 +93,30 @@ def key_values(text: "str | dict[str, Any] | None", what: str = "arguments") -> 
             raise RegionsError(f"{what} '{text}' must be a JSON object")
         return doc
     return {k: typed_value(v) for k, v in pairs(text, what=what, example="dtype=bfloat16")}
+
+
+
+_SUFFIXES = {"": 1, "k": 10 ** 3, "m": 10 ** 6, "b": 10 ** 9, "g": 10 ** 9, "t": 10 ** 12}
+
+
+def count(text: "str | int", what: str = "count") -> int:
+    """A positive whole count, with an optional decimal suffix: ``"500k"`` -> 500_000,
+    ``"2M"`` -> 2_000_000, ``"1.5B"`` (or ``G``) -> 1_500_000_000, ``"1200"`` -> 1200;
+    underscores are allowed (``"10_000"``). Suffixes are powers of 1000, case-insensitive."""
+    from decimal import Decimal, InvalidOperation
+
+    bad = RegionsError(f"{what} '{text}' is not a whole count >= 1 (expected a number with an "
+                       "optional k/M/B suffix, e.g. 500k, 2M, 10000)")
+    if isinstance(text, bool):
+        raise bad
+    s = str(text).strip().replace("_", "").lower()
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+)([kmbgt]?)", s)
+    if m is None:
+        raise bad
+    try:  # Decimal: "1.5M" must be 1_500_000 exactly, not a float's 1499999.99...
+        value = Decimal(m.group(1)) * _SUFFIXES[m.group(2)]
+    except InvalidOperation:
+        raise bad from None
+    if value != value.to_integral_value() or value < 1:
+        raise bad
+    return int(value)

@@ -2,8 +2,10 @@
 
 * :func:`ppl_from_sums` -- ``exp(Σ NLL / Σ tokens)``, saturating to inf (a broken model's
   perplexity overflows a float); the lm-eval tasks pool their sums with it too;
-* :func:`perplexity` -- the direct computation: each text one window of at most ``max_length``
-  tokens, the first token conditioning only, every later token scored;
+* :func:`batch_perplexity` -- over token batches (any of :mod:`lmeval_regions.corpora`);
+* :func:`perplexity` -- the direct computation on texts: each text one window of at most
+  ``max_length`` tokens, the prefix token (BOS, else EOS) conditioning only, every text token
+  scored (the conditioning rule of :mod:`lmeval_regions.corpora.batches`);
 * :func:`perplexities` / :func:`make_evaluator` -- per language and pooled over languages
   (what ``apply``, the dimension studies, the neuron table and the training recipe report).
 
@@ -14,7 +16,7 @@ same windows (tests/test_tasks.py checks it); use it for anything published.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
@@ -32,17 +34,15 @@ def ppl_from_sums(nll: float, tokens: float) -> float:
 
 
 @torch.no_grad()
-def perplexity(model, tokenizer, texts: list[str], max_length: int = 256,
-               batch_size: int = 1) -> dict[str, float]:
-    """Token perplexity of ``texts`` under ``model``: ``{"ppl", "nll", "tokens"}``.
-
-    Each text is one window truncated to ``max_length`` tokens (as :func:`corpora.batches`
-    tokenises it); the first token is conditioning only. Logits are taken in fp32.
-    """
+def batch_perplexity(model, batches: Iterable[Mapping[str, torch.Tensor]]) -> dict[str, float]:
+    """Token perplexity over ``batches`` (``input_ids``, ``attention_mask``, ``labels``, each
+    ``(batch, seq)``; labels -100 are not scored, position 0 never is):
+    ``{"ppl", "nll", "tokens"}``. Logits are taken in fp32. Works on any batches of
+    :mod:`lmeval_regions.corpora` (``batches``, a ``CorpusConfig`` token stream)."""
     nll = 0.0
     n = 0
     device = next(model.parameters()).device
-    for b in batches(tokenizer, texts, batch_size, max_length):
+    for b in batches:
         b = {k: v.to(device) for k, v in b.items()}
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
         logp = torch.log_softmax(logits[:, :-1].float(), -1)
@@ -52,6 +52,18 @@ def perplexity(model, tokenizer, texts: list[str], max_length: int = 256,
         nll -= float(tok_lp[mask].sum())
         n += int(mask.sum())
     return {"ppl": ppl_from_sums(nll, n), "nll": nll, "tokens": n}
+
+
+def perplexity(model, tokenizer, texts: list[str], max_length: int = 256,
+               batch_size: int = 1) -> dict[str, float]:
+    """Token perplexity of ``texts`` under ``model``: ``{"ppl", "nll", "tokens"}``.
+
+    Each text is one sequence, ``[prefix] + tokens`` truncated to ``max_length`` tokens (the
+    conditioning rule of :mod:`lmeval_regions.corpora.batches`): the prefix (BOS, else EOS) is
+    context only, every text token is scored, as lm-eval's ``loglikelihood_rolling`` with
+    ``add_bos_token=False`` scores a text that fits one window.
+    """
+    return batch_perplexity(model, batches(tokenizer, texts, batch_size, max_length))
 
 
 def perplexities(model, tokenizer, texts: Mapping[str, list[str]], max_length: int = 256,

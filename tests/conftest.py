@@ -27,48 +27,48 @@ def _threads(request):
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
-def tiny_config(arch: str):
+def tiny_config(arch: str, vocab_size: int = 128):
     from transformers import (BloomConfig, Gemma3TextConfig, GPT2Config, GPTNeoXConfig,
                               LlamaConfig, Phi3Config, Qwen2Config)
 
     if arch == "llama":
-        return LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64,
+        return LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                            max_position_embeddings=128, tie_word_embeddings=False)
     if arch == "gemma3":
-        return Gemma3TextConfig(vocab_size=128, hidden_size=32, intermediate_size=64,
+        return Gemma3TextConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                 head_dim=8, max_position_embeddings=128, sliding_window=16,
                                 layer_types=["sliding_attention", "full_attention"])
     if arch == "bloom":
-        return BloomConfig(vocab_size=128, hidden_size=32, n_layer=2, n_head=4)
+        return BloomConfig(vocab_size=vocab_size, hidden_size=32, n_layer=2, n_head=4)
     # Fused q/k/v per head (GPT-NeoX), Conv1D [in, out] with concatenated q/k/v (GPT-2),
     # fused concatenated q/k/v with GQA and fused [gate | up] (Phi-3), separate q/k/v with
     # biases (Qwen2).
     if arch == "gpt_neox":
-        return GPTNeoXConfig(vocab_size=128, hidden_size=32, intermediate_size=64,
+        return GPTNeoXConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
                              num_hidden_layers=2, num_attention_heads=4,
-                             max_position_embeddings=128)
+                             max_position_embeddings=512)
     if arch == "gpt2":
-        return GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=128,
+        return GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=512,
                           bos_token_id=0, eos_token_id=0)
     if arch == "phi3":
-        return Phi3Config(vocab_size=128, hidden_size=32, intermediate_size=64,
+        return Phi3Config(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                           max_position_embeddings=128, pad_token_id=0, bos_token_id=1,
                           eos_token_id=2)
     if arch == "qwen2":
-        return Qwen2Config(vocab_size=128, hidden_size=32, intermediate_size=64,
+        return Qwen2Config(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                            max_position_embeddings=128)
     raise ValueError(arch)
 
 
-def tiny_model(arch: str, seed: int = 0):
+def tiny_model(arch: str, seed: int = 0, vocab_size: int = 128):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(arch))
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, vocab_size))
     # Random-init norms are all ones; perturb everything a little so no two entries tie.
     with torch.no_grad():
         for p in model.parameters():

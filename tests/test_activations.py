@@ -15,13 +15,17 @@ from lmeval_regions.errors import ArtefactError, ModelMismatchError, RegionsErro
 
 
 class CharTokenizer:
-    """Bytes -> ids < 128, right padding; enough for :func:`corpora.batches`."""
+    """Bytes -> ids < 128 after a BOS (id 1), right padding; enough for
+    :func:`corpora.batches` (which asks for the ids without special tokens and adds the BOS)."""
 
     pad_token_id = 0
+    bos_token_id = 1
     eos_token = "\x00"
 
-    def __call__(self, texts, return_tensors="pt", padding=True, truncation=True,
-                 max_length=16, padding_side="right"):
+    def __call__(self, texts, return_tensors=None, padding=True, truncation=True,
+                 max_length=16, padding_side="right", add_special_tokens=True, verbose=True):
+        if not add_special_tokens:  # what corpora.encode asks for: plain lists, no truncation
+            return {"input_ids": [[b % 127 + 1 for b in t.encode()] for t in texts]}
         ids = [[1] + [b % 127 + 1 for b in t.encode()][: max_length - 1] for t in texts]
         n = max(len(x) for x in ids)
         return {"input_ids": torch.tensor([x + [0] * (n - len(x)) for x in ids]),

@@ -20,16 +20,13 @@ contributes, beside lm-eval's own ``word_perplexity``, ``byte_perplexity`` and
 from __future__ import annotations
 
 import functools
-import json
 import math
-import os
-from pathlib import Path
 from typing import Any
 
 import datasets
 from lm_eval.api.task import ConfigurableTask
 
-from lmeval_regions.corpora import find_data_file, load_parallel
+from lmeval_regions.corpora import find_data_file, iter_rows, load_parallel, parse_source
 from lmeval_regions.errors import RegionsError
 from lmeval_regions.models import is_embedded, resolve_pretrained
 from lmeval_regions.paper import HELDOUT_START, UDHR_FILE
@@ -58,36 +55,24 @@ def load_udhr(lang: str, udhr_heldout_start: int = HELDOUT_START, udhr_path: str
 
 def load_text(text_path: str | None = None, text_field: str = "text", text_unit: str = "line",
               **_: Any) -> datasets.DatasetDict:
-    """Documents of a local file: JSONL (``text_field`` of each row) or TXT (one document per
-    non-empty line with ``text_unit=line``, the whole file with ``text_unit=file``)."""
+    """Documents of any corpus source of :mod:`lmeval_regions.corpora.sources` (a JSONL, CSV,
+    TSV or Parquet file with a ``text_field`` column, a TXT file or folder with one document
+    per non-empty line (``text_unit=line``) or per file (``text_unit=file``), a ``datasets``
+    folder, ``hf:NAME[:CONFIG][@SPLIT]``), read as importance and activations read it."""
     if not text_path:
-        raise RegionsError("task text_ppl needs a file (JSONL or TXT) in the task metadata "
-                           "'text_path': --metadata '{\"text_path\": \"/path/to/file.jsonl\"}' "
-                           "(the same flag on lm_eval and on lmeval-regions table), or "
+        raise RegionsError("task text_ppl needs a corpus in the task metadata 'text_path' "
+                           "(JSONL, CSV, Parquet, TXT, a folder of .txt files): --metadata "
+                           "'{\"text_path\": \"/path/to/file.jsonl\"}' (the same flag on "
+                           "lm_eval and on lmeval-regions table), or "
                            "run_grid(task_metadata={\"text_path\": ...}) / "
                            "TaskManager(metadata={\"text_path\": ...}) from Python")
-    path = Path(os.path.expanduser(text_path))
-    if not path.is_file():
-        raise RegionsError(f"text_path '{text_path}' is not a file")
     if text_unit not in ("line", "file"):
         raise RegionsError(f"text_unit='{text_unit}' must be 'line' or 'file'")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        if path.suffix in (".jsonl", ".json"):
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append({"id": str(n), "text": json.loads(line)[text_field]})
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise RegionsError(f"{path}:{n}: not a JSON row with a '{text_field}' "
-                                       f"field ({e})") from None
-        elif text_unit == "file":
-            rows.append({"id": path.name, "text": f.read()})
-        else:
-            rows = [{"id": str(n), "text": l.rstrip("\n")} for n, l in enumerate(f, 1) if l.strip()]
+    src = parse_source(text_path, what="text_path")
+    rows = [{"id": rid, "text": text}
+            for rid, _, text in iter_rows(src, text_field, None, text_unit)]
     if not rows:
-        raise RegionsError(f"{path} holds no documents")
+        raise RegionsError(f"text_path '{text_path}' holds no documents")
     return _test_split(rows)
 
 

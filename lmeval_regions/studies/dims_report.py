@@ -12,14 +12,14 @@ from __future__ import annotations
 import json
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from lmeval_regions.artefacts import write_text_atomic
-from lmeval_regions.corpora import CorpusConfig, HeldOutConfig, batches, load_parallel
+from lmeval_regions.corpora import CorpusConfig, HeldOutConfig
 from lmeval_regions.dimensions import (PAPER_LABELS, SETTINGS, OutlierConfig, dimension_sweep,
                                        find_outliers, generations, hidden_dim_ranking,
                                        hidden_dims_region, perturbation_table, removal_table)
@@ -99,10 +99,10 @@ def run_dims_report(model_cfg: ModelConfig, corpus: CorpusConfig, heldout: HeldO
         imp = Importance.load(imp_path, model)
         log(f"importance loaded from {imp_path}")
     else:
-        train = corpus.load()
-        parts = [b for l in langs for b in batches(tok, [u["text"] for u in train[l]],
-                                                   corpus.batch_size, corpus.max_length)]
-        imp = compute_importance(model, parts, importance, languages=langs, progress=False)
+        streams = corpus.streams(tok)
+        parts = [b for stream in streams.values() for b in stream]
+        imp = compute_importance(model, parts, importance, languages=langs, progress=False,
+                                 sources=[s.provenance for s in streams.values()])
         imp.save(imp_path)
         log(f"importance over {imp.n_sequences} sequences -> {imp_path}")
     region = select_from_importance(imp, "top", cfg.ratio, selection.scope, selection.seed,
@@ -112,17 +112,15 @@ def run_dims_report(model_cfg: ModelConfig, corpus: CorpusConfig, heldout: HeldO
     figs.append(plot_distribution(region, out / "distribution.png"))
     log(f"region {region.numel()} entries; {len(figs)} figures")
 
-    held_texts = heldout.load(corpus.path(), heldout.langs(corpus))
+    held_texts = heldout.texts(corpus)
     n_held = min(len(t) for t in held_texts.values())
     eval_span = [heldout.eval_start, heldout.eval_start + n_held - 1]
     evaluate = make_evaluator(model, tok, held_texts, corpus.max_length, corpus.batch_size)
     base = evaluate()
     log(f"base ppl {base['ppl']:.4g}")
 
-    probe = load_parallel(corpus.path(), langs)
-    ob = [b for l in langs for b in batches(
-        tok, [u["text"] for u in probe[l][corpus.skip:corpus.skip + cfg.outlier_units]],
-        corpus.batch_size, corpus.max_length)]
+    probe = replace(corpus, units=cfg.outlier_units, pack=False, tokens=None, samples=None)
+    ob = [b for stream in probe.streams(tok).values() for b in stream]
     outl = find_outliers(model, ob, outliers, mmap)
     log(f"outlier dims {outl.dims}; norm outliers {[r['dim'] for r in outl.norm]}")
 

@@ -89,25 +89,27 @@ def per_language_path(out: Path, lang: str, several: bool) -> Path:
 def run_importance(s: dict[str, Any]) -> int:
     from dataclasses import asdict
 
-    from lmeval_regions.artefacts import file_digest, read_metadata
-    from lmeval_regions.corpora import batches
+    from lmeval_regions.artefacts import read_metadata
+    from lmeval_regions.corpora import fingerprint
     from lmeval_regions.importance import Importance, combine, compute_importance
     from lmeval_regions.models import load_model
 
     corpus: CorpusConfig = s["corpus"]
     args: ImportanceArgs = s["args"]
-    data = corpus.load()  # checks the corpus before the (slow) model load
-    path = corpus.path()
-    digest = file_digest(path)
+    corpus.check()  # a bad corpus fails before the (slow) model load
+    if corpus.tokens is None and corpus.samples is None and not corpus.pack:
+        corpus.load()  # units mode: every language has its units
     out = Path(args.out)
     several = len(corpus.langs) > 1
+    sources = corpus.sources()
     model = tok = None
     parts = []
     for lang in corpus.langs:
         target = per_language_path(out, lang, several) if several or not args.combine else None
         # what this language's scores depend on: a file made from the same is reused
         key = {"model": asdict(s["model"]), "importance": asdict(s["importance"]),
-               "corpus": {**asdict(corpus), "langs": [lang]}, "sha256": digest}
+               "corpus": {**asdict(corpus), "langs": [lang]},
+               "source": fingerprint(sources.get(lang) or sources[None])}
         if target is not None and target.exists():
             if read_metadata(target, "importance").get("run") == key:
                 print(f"[importance] {lang}: reused {target}", flush=True)
@@ -118,15 +120,11 @@ def run_importance(s: dict[str, Any]) -> int:
                                    "--overwrite to recompute it, or give another --out")
         if model is None:
             model, tok = load_model(s["model"])
-        texts = [u["text"] for u in data[lang]]
-        source = {"file": path.name, "sha256": digest, "lang": lang,
-                  "units": [corpus.skip, corpus.skip + corpus.units],
-                  "max_length": corpus.max_length, "batch_size": corpus.batch_size,
-                  "model": s["model"].model}
-        print(f"[importance] {lang}: {len(texts)} units", flush=True)
-        imp = compute_importance(model, list(batches(tok, texts, corpus.batch_size,
-                                                     corpus.max_length)),
-                                 s["importance"], languages=[lang], sources=[source])
+        stream = corpus.streams(tok)[lang]
+        print(f"[importance] {lang}: {stream.provenance['amount']} from "
+              f"{stream.provenance['source']}", flush=True)
+        imp = compute_importance(model, stream, s["importance"], languages=[lang],
+                                 sources=[stream.provenance])
         imp.extra["run"] = key
         if target is not None:
             imp.save(target)
@@ -413,7 +411,7 @@ def run_apply(s: dict[str, Any]) -> int:
     corpus: CorpusConfig = s["corpus"]
     held: HeldOutConfig = s["heldout"]
     edits = parse_edits(args.edit)
-    texts = held.load(corpus.path(), held.langs(corpus)) if args.evaluate else {}
+    texts = held.texts(corpus) if args.evaluate else {}
     model, tok = load_model(s["model"])
     regions = [(resolve_target(model, t), iv) for t, iv in edits]
 

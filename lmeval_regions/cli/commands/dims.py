@@ -76,7 +76,7 @@ def run_dims(s: dict[str, Any]) -> int:
     args: DimsArgs = s["args"]
     corpus: CorpusConfig = s["corpus"]
     held: HeldOutConfig = s["heldout"]
-    texts = held.load(corpus.path(), held.langs(corpus))
+    texts = held.texts(corpus)
     check_architecture(s["model"])
     model, tok = load_model(s["model"])
     region = Region.load(args.region, model)
@@ -95,16 +95,14 @@ class OutliersArgs:
 
 
 def run_outliers(s: dict[str, Any]) -> int:
-    from lmeval_regions.corpora import batches
     from lmeval_regions.dimensions import find_outliers
     from lmeval_regions.models import load_model
 
     corpus: CorpusConfig = s["corpus"]
-    data = corpus.load()
+    corpus.check()
     check_architecture(s["model"], needs="norms")
     model, tok = load_model(s["model"])
-    bs = [b for units in data.values()
-          for b in batches(tok, [u["text"] for u in units], corpus.batch_size, corpus.max_length)]
+    bs = [b for stream in corpus.streams(tok).values() for b in stream]
     rep = find_outliers(model, bs, s["outliers"])
     if s["args"].out:
         write_text_atomic(s["args"].out, json.dumps(rep.to_dict(), indent=1))

@@ -93,7 +93,7 @@ def run_neurons(s: dict[str, Any]) -> int:
     out = Path(args.out)
     data = None if args.activations else corpus.load()
     table_langs = list(held.langs(corpus)) if args.table else []
-    texts = held.load(corpus.path(), table_langs) if table_langs else {}
+    texts = held.texts(corpus, table_langs) if table_langs else {}
     model, tok = load_model(s["model"])
     acts_path = Path(args.activations) if args.activations else out / "activations.safetensors"
     if data is not None:
