@@ -10,6 +10,7 @@ import torch
 
 from lmeval_regions.artefacts import LazyScores
 from lmeval_regions.errors import RegionsError, did_you_mean
+from lmeval_regions.importance import criterion_of
 from lmeval_regions.regions.ranking import (METHODS, check_ratio, n_select, seed_for,
                                             select_flat, select_global)
 from lmeval_regions.regions.region import Region, index_dtype
@@ -34,7 +35,8 @@ def select(
     Args:
         method: ``top`` (largest), ``bottom`` (smallest), ``middle`` (the band of k entries
             centred on the median) or ``random`` (uniform, seeded; ignores the scores' values).
-        ratio: fraction in (0, 1]; ``k = max(1, floor(ratio * n + 1/2))`` entries per unit.
+        ratio: fraction in (0, 1]; ``k = max(1, floor(ratio * n))`` entries per unit (paper 1's
+            release: ``torch.topk`` with ``k = int(ratio * n)``; see :func:`n_select`).
         scope: the unit k is taken from: ``matrix`` (each parameter, paper 1: "N equals 3% of
             each parameter matrix"), ``row`` (each row of each 2-D parameter; 1-D = one row),
             ``global`` (the whole set of parameters at once).
@@ -79,8 +81,9 @@ def select(
 def select_from_importance(importance, method: Method, ratio: float, scope: Scope = "matrix",
                            seed: int = 0) -> Region:
     """:func:`select` over an :class:`~lmeval_regions.importance.Importance`, keeping provenance."""
-    source = {"languages": importance.languages, "mode": importance.mode,
-              "n_sequences": importance.n_sequences, "n_tokens": importance.n_tokens}
+    source = {"languages": importance.languages, "criterion": importance.criterion,
+              "snapshot": importance.snapshot, "n_sequences": importance.n_sequences,
+              "n_tokens": importance.n_tokens}
     return select(importance.scores, method, ratio, scope, seed, importance.model, source=source)
 
 
@@ -97,6 +100,7 @@ def select_file(path: str | os.PathLike, method: str, ratio: float, scope: str =
         scores.check(names)
     meta = scores.meta
     source = {"file": str(path), "languages": meta.get("languages", []),
-              "mode": meta.get("mode"), "n_sequences": meta.get("n_sequences"),
+              "criterion": criterion_of(meta, path), "snapshot": meta.get("snapshot"),
+              "n_sequences": meta.get("n_sequences"),
               "n_tokens": meta.get("n_tokens")}
     return select(scores, method, ratio, scope, seed, meta.get("model", {}), names, source)
