@@ -208,6 +208,8 @@ def test_overlap_jaccard():
     assert o["jaccard"] == pytest.approx(2 / 7)
     assert o["per_matrix"] == {"l.0.q": pytest.approx(2 / 5), "l.1.k": 0.0, "l.1.q": 0.0}
     assert o["per_layer"] == {"0": pytest.approx(2 / 5), "1": 0.0}
+    # per module kind, pooled over layers: q = (2 + 0) / (5 + 1), k = 0 / 1
+    assert o["per_module"] == {"q": pytest.approx(2 / 6), "k": 0.0}
     assert overlap(a, a)["jaccard"] == 1.0
 
 

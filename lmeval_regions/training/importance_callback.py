@@ -85,7 +85,7 @@ class ImportanceCallback(TrainerCallback):
                                f"{self.config.snapshots}); checkpoints already hold the "
                                "importance so far (importance.safetensors in each)")
         self.criterion = crit[0]
-        self._batch_size = 0
+        self._batch_size: int | None = None
         self.output = output
         self.before_clip = bool(before_clip)
         self.languages = list(languages or [])
@@ -127,8 +127,10 @@ class ImportanceCallback(TrainerCallback):
         self._fingerprint = model_fingerprint(model)
         # The accumulator keeps FSDP2 shards local (buffers shaped like each rank's rows).
         self.acc = ImportanceAccumulator(self.params, self.criterion, cfg.dtype)
-        self._batch_size = (args.per_device_train_batch_size * args.gradient_accumulation_steps
-                            * getattr(args, "world_size", 1))
+        per_device = getattr(args, "per_device_train_batch_size", None)  # None: not a Trainer's
+        self._batch_size = None if per_device is None else (
+            per_device * getattr(args, "gradient_accumulation_steps", 1)
+            * getattr(args, "world_size", 1))
         if state.global_step > 0:
             self._load(args, state)
 
