@@ -239,3 +239,15 @@ def test_artefact_written_with_mode_loads_as_criterion(tmp_path):
     assert old.criterion == "abs_sum" and old.snapshot is None and "mode" not in old.extra
     r = select_file(tmp_path / "old.safetensors", "top", 0.1)
     assert r.spec["source"]["criterion"] == "abs_sum"
+
+
+def test_closing_the_generator_early_restores_the_model():
+    model = tiny_model("llama").train()
+    gen = iter_importances(model, random_batches(n=3), ImportanceConfig(snapshots=(2,)),
+                           progress=False)
+    first = next(gen)  # suspended inside the pass: eval mode, only block weights need grads
+    assert first.snapshot == 2 and not model.training
+    assert not model.get_parameter("model.embed_tokens.weight").requires_grad
+    gen.close()
+    assert model.training and all(p.requires_grad and p.grad is None
+                                  for p in model.parameters())

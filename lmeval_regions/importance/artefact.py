@@ -25,16 +25,21 @@ class Importance:
     """Importance scores ``name -> tensor`` (shape of the parameter) with their provenance."""
 
     scores: dict[str, torch.Tensor]
+    """``name -> scores`` shaped like the parameter (fp32 from a pass)."""
     criterion: str
     """How the scores were made (see :data:`importance.CRITERIA`)."""
     model: dict[str, Any]
     """Model fingerprint (see :func:`artefacts.model_fingerprint`)."""
     languages: list[str] = field(default_factory=list)
+    """Languages of the corpus (several after :func:`combine`)."""
     n_sequences: int = 0
+    """Sequences read."""
     n_tokens: int = 0
+    """Predicted (scored) tokens read."""
     n_skipped: int = 0
     """Batches skipped because a gradient was not finite."""
     sources: list[dict[str, Any]] = field(default_factory=list)
+    """Where the corpus came from (file digests, units, ...)."""
     snapshot: int | None = None
     """The sequence count of a cumulative snapshot (None: the whole corpus)."""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -77,10 +82,12 @@ class Importance:
         return {n: list(t.shape) for n, t in self.scores.items()}
 
 
-def criterion_of(meta: Mapping[str, Any], path: Any = "importance") -> str:
-    """The criterion an importance artefact's metadata names (``mode`` in older files)."""
+def criterion_of(meta: Mapping[str, Any], path: Any = "importance", required: bool = True
+                 ) -> str | None:
+    """The criterion an importance artefact's metadata names (``mode`` in older files); None
+    when it names none and not ``required``."""
     c = meta.get("criterion", meta.get("mode"))
-    if c is None:
+    if c is None and required:
         raise ArtefactError(f"'{path}' names no importance criterion (no 'criterion' or 'mode' "
                             "in its metadata)")
     return c

@@ -88,19 +88,21 @@ class ImportanceConfig:
 
 @dataclass
 class PassState:
-    """Raw sums of a pass (or of several passes over disjoint corpora, added with ``+``).
-
-    ``grads``: criterion -> name -> fp32 sum (signed for ``sum_abs``); ``input_sq``: name ->
-    fp64 ``Σ x²`` per input feature (``wanda``). Finishing into scores is
-    :meth:`ImportancePass.finish`.
-    """
+    """Raw sums of a pass (or of several passes over disjoint corpora, added with ``+``);
+    :meth:`ImportancePass.finish` turns them into scores."""
 
     grads: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    """criterion -> parameter name -> raw fp32 sum (signed for ``sum_abs``)."""
     input_sq: dict[str, torch.Tensor] = field(default_factory=dict)
+    """parameter name -> fp64 Σ x² per input feature (``wanda``)."""
     n_sequences: int = 0
+    """Sequences read."""
     n_tokens: int = 0
+    """Predicted (scored) tokens read."""
     n_batches: int = 0
+    """Batches read (skipped ones included)."""
     n_skipped: int = 0
+    """Batches skipped because a gradient was not finite."""
     batch_size: int = 0
     """Largest number of sequences in one batch."""
 

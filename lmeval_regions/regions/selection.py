@@ -100,7 +100,7 @@ def select_file(path: str | os.PathLike, method: str, ratio: float, scope: str =
         scores.check(names)
     meta = scores.meta
     source = {"file": str(path), "languages": meta.get("languages", []),
-              "criterion": criterion_of(meta, path), "snapshot": meta.get("snapshot"),
-              "n_sequences": meta.get("n_sequences"),
+              "criterion": criterion_of(meta, path, required=False),
+              "snapshot": meta.get("snapshot"), "n_sequences": meta.get("n_sequences"),
               "n_tokens": meta.get("n_tokens")}
     return select(scores, method, ratio, scope, seed, meta.get("model", {}), names, source)
