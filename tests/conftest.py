@@ -157,9 +157,10 @@ CORE_BATCH = 4
 
 @pytest.fixture(scope="session")
 def gemma_core_importance(gemma, shared_data) -> Path:
-    """Path of Gemma-3-270M's core importance (abs_sum; Σ over ar/es/ru/zh/ko/vi of each
-    language's importance over its first 25 UDHR units), computed once and cached under
-    ``$LMEVAL_REGIONS_CACHE/importance`` keyed by model fingerprint and settings."""
+    """Path of Gemma-3-270M's core importance (sum_abs, the paper's estimator; Σ over
+    ar/es/ru/zh/ko/vi of each language's importance over its first 25 UDHR units), computed
+    once and cached under ``$LMEVAL_REGIONS_CACHE/importance`` keyed by model fingerprint and
+    settings."""
     import hashlib
     import json
 
@@ -172,7 +173,7 @@ def gemma_core_importance(gemma, shared_data) -> Path:
     udhr = shared_data / "udhr_parallel_31.jsonl"
     settings = {"model": model_fingerprint(model)["sha256"], "data": file_digest(udhr),
                 "langs": CORE_LANGS, "units": CORE_UNITS, "max_length": CORE_MAX_LENGTH,
-                "batch": CORE_BATCH, "mode": "abs_sum"}
+                "batch": CORE_BATCH, "criterion": "sum_abs"}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     path = cache_dir() / "importance" / f"gemma-3-270m-core-{key}.safetensors"
     if path.exists():
@@ -183,7 +184,7 @@ def gemma_core_importance(gemma, shared_data) -> Path:
         texts = [u["text"] for u in data[lang][:CORE_UNITS]]
         parts.append(compute_importance(
             model, list(batches(tok, texts, CORE_BATCH, CORE_MAX_LENGTH)),
-            ImportanceConfig(mode="abs_sum"), languages=[lang],
+            ImportanceConfig(criteria=("sum_abs",)), languages=[lang],
             sources=[{"file": udhr.name, "sha256": settings["data"], "lang": lang,
                       "units": [0, CORE_UNITS]}], progress=False))
     combine(parts).save(path)

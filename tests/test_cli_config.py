@@ -19,9 +19,10 @@ from lmeval_regions.models import ModelConfig
 
 # Every subcommand that loads a model, and every one that reads a corpus.
 LOADS_A_MODEL = {"importance", "apply", "table", "dims-report", "dims", "outliers", "plot-region",
-                 "activations", "neurons", "neuron-sweep", "demo", "import-neurons"}
+                 "activations", "neurons", "neuron-sweep", "demo", "import-neurons",
+                 "robustness", "further-pretrain"}
 READS_A_CORPUS = {"importance", "apply", "dims-report", "dims", "outliers", "activations",
-                  "neurons", "neuron-sweep", "demo"}
+                  "neurons", "neuron-sweep", "demo", "robustness", "further-pretrain"}
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -83,7 +84,7 @@ def test_model_and_corpus_flags_are_the_same_everywhere():
         opts = {o for a in subs[name]._actions for o in a.option_strings}
         assert set(corpus_flags.values()) <= opts, name
     # one held-out configuration wherever perplexity is measured directly
-    for name in ("apply", "dims-report", "dims", "neurons"):
+    for name in ("apply", "dims-report", "dims", "neurons", "robustness", "further-pretrain"):
         assert HeldOutConfig in [cls for _, cls in cmds[name].sections], name
 
 
@@ -111,12 +112,12 @@ def test_config_file_reproduces_a_run(tiny_lm_dir, texts, tmp_path, capsys):
     out = tmp_path / "a" / "imp.safetensors"
     assert main(["importance", "--model", str(tiny_lm_dir), "--device", "cpu", "--texts", texts,
                  "--langs", "en,fr", "--units", "2", "--max-length", "24", "--batch-size", "2",
-                 "--mode", "sum_abs", "--combine", "--out", str(out), "--quiet"]) == 0
+                 "--criteria", "abs_sum", "--combine", "--out", str(out), "--quiet"]) == 0
     cfg_path = tmp_path / "a" / "imp.config.yaml"
     doc = yaml.safe_load(cfg_path.read_text())
     assert doc["command"] == "importance"
     assert doc["corpus"]["langs"] == ["en", "fr"] and doc["corpus"]["units"] == 2
-    assert doc["importance"]["mode"] == "sum_abs" and doc["args"]["combine"] is True
+    assert doc["importance"]["criteria"] == ["abs_sum"] and doc["args"]["combine"] is True
     assert doc["model"]["device"] == "cpu"
 
     again = tmp_path / "b" / "imp.safetensors"
@@ -124,7 +125,7 @@ def test_config_file_reproduces_a_run(tiny_lm_dir, texts, tmp_path, capsys):
     a, b = Importance.load(out), Importance.load(again)
     assert a.scores.keys() == b.scores.keys()
     assert all(torch.equal(a.scores[n], b.scores[n]) for n in a.scores)
-    assert a.n_tokens == b.n_tokens and a.mode == b.mode == "sum_abs"
+    assert a.n_tokens == b.n_tokens and a.criterion == b.criterion == "abs_sum"
     for lang in ("en", "fr"):
         x = Importance.load(tmp_path / "a" / f"imp.{lang}.safetensors")
         y = Importance.load(tmp_path / "b" / f"imp.{lang}.safetensors")
@@ -159,3 +160,36 @@ def test_report_folders_hold_their_config(tiny_lm_dir, texts, tmp_path):
     assert sorted(p.name for p in out.glob("*.safetensors")) == [
         "en.bottom.safetensors", "en.top.safetensors", "fr.bottom.safetensors",
         "fr.top.safetensors"]
+
+
+def test_importance_criteria_and_snapshots_in_one_run(tiny_lm_dir, texts, tmp_path):
+    """`importance --criteria A,B --snapshots N --combine`: one file per language x criterion x
+    snapshot and their sums, each equal to a separate single-criterion run over the same
+    sequences (the first N of each language for a snapshot)."""
+    from lmeval_regions.importance import Importance
+
+    common = ["--model", str(tiny_lm_dir), "--device", "cpu", "--texts", texts, "--langs",
+              "en,fr", "--units", "4", "--max-length", "24", "--batch-size", "2", "--quiet"]
+    out = tmp_path / "imp.safetensors"
+    assert main(["importance", *common, "--criteria", "sum_abs,fisher", "--snapshots", "2",
+                 "--combine", "--out", str(out)]) == 0
+    names = sorted(p.name for p in tmp_path.glob("imp*.safetensors"))
+    assert names == sorted(f"imp{l}{c}{n}.safetensors" for l in ("", ".en", ".fr")
+                           for c in (".sum_abs", ".fisher") for n in ("", ".n2"))
+    for crit in ("sum_abs", "fisher"):
+        one = tmp_path / "one" / "imp.safetensors"
+        assert main(["importance", *common, "--criteria", crit, "--combine",
+                     "--out", str(one)]) == 0
+        ref, got = Importance.load(one), Importance.load(tmp_path / f"imp.{crit}.safetensors")
+        assert got.criterion == crit and got.snapshot is None
+        assert all(torch.equal(ref.scores[n], got.scores[n]) for n in ref.scores)
+        two = tmp_path / "two" / "imp.safetensors"
+        assert main(["importance", *common, "--units", "2", "--criteria", crit, "--combine",
+                     "--out", str(two)]) == 0
+        snap = Importance.load(tmp_path / f"imp.{crit}.n2.safetensors")
+        ref2 = Importance.load(two)
+        assert snap.snapshot == 2 and snap.n_sequences == ref2.n_sequences == 4
+        assert all(torch.equal(ref2.scores[n], snap.scores[n]) for n in ref2.scores)
+        for d in ("one", "two"):
+            for p in (tmp_path / d).iterdir():
+                p.unlink()

@@ -15,6 +15,9 @@ from trainer_ext.freeze_config import CONFIG_NAME
 from trainer_ext.importance_callback import ImportanceCallback  # noqa: F401  (import check)
 from trainer_utils import make_trainer, top_region
 
+from lmeval_regions.models import block_parameters
+from lmeval_regions.regions import select
+
 
 def region_values(model, region):
     params = dict(model.named_parameters())
@@ -82,6 +85,71 @@ def test_without_adapter_region_moves(arch):
     train_loop(model, opt)
     after = region_values(model, region)
     assert any(not torch.equal(after[n], before_region[n]) for n in after)
+
+
+@pytest.mark.parametrize("band", ["top", "bottom"])
+def test_remove_then_freeze_keeps_region_exactly_zero(tmp_path, arch, band):
+    """Paper 1 Table 2 `Top & Freeze` / `Bottom & Freeze`: zeroed at attach, still exactly zero
+    after AdamW steps with weight decay, clipping and accumulation; everything else trains."""
+    model = tiny_model(arch)
+    region = top_region(model, 0.05) if band == "top" else select(
+        {n: torch.rand(p.shape, generator=torch.Generator().manual_seed(2))
+         for n, p in block_parameters(model, include_norms=True).items()}, "bottom", 0.05)
+    region.save(tmp_path / "r.safetensors")
+    assert any(bool((v != 0).all()) for v in region_values(model, region).values())
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    cfg = FreezeRegionConfig(region=str(tmp_path / "r.safetensors"), init="zero")
+    with FreezeRegionAdapter(model, cfg, opt):
+        for n, v in region_values(model, region).items():  # removed at attach
+            assert bool((v == 0).all()), n
+        norms = train_loop(model, opt)
+    assert min(norms) > 0.05, "clipping must be active for this test to mean anything"
+    for n, v in region_values(model, region).items():
+        assert bool((v == 0).all()) and not bool(torch.signbit(v).any()), n  # +0.0 exactly
+    assert outside_changed(model, before, region) > 0.9
+
+
+def test_zeroed_region_moves_without_the_adapter_and_when_unfrozen(tmp_path):
+    """Controls: zeroing alone does not keep a region at zero under AdamW (gradients and
+    decay move it), and `Top & Unfreeze` (init=zero, alpha=1) trains it freely, hooking no
+    step."""
+    for unfreeze in (False, True):
+        model = tiny_model("llama")
+        region = top_region(model, 0.05)
+        region.save(tmp_path / "r.safetensors")
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+        cfg = FreezeRegionConfig(region=str(tmp_path / "r.safetensors"), init="zero",
+                                 alpha=1.0 if unfreeze else 0.0)
+        adapter = FreezeRegionAdapter(model, cfg, opt)
+        if unfreeze:
+            assert not cfg.mask_grads and not adapter.config.frozen and cfg.free
+        else:
+            adapter.remove()  # zeroed, then nothing protects the region
+        assert all(bool((v == 0).all()) for v in region_values(model, region).values())
+        train_loop(model, opt)
+        after = region_values(model, region)
+        moved = sum(int((v != 0).sum()) for v in after.values())
+        assert moved > 0.9 * region.numel(), (unfreeze, moved, region.numel())
+        adapter.remove()
+
+
+def test_remove_then_freeze_with_the_trainer_and_resume(tmp_path):
+    """The callback zeroes at step 0 only: a resumed run does not zero again (with alpha=1 the
+    region trained since the checkpoint would otherwise be lost)."""
+    model = tiny_model("llama")
+    region = top_region(model, 0.05)
+    region.save(tmp_path / "r.safetensors")
+    cfg = FreezeRegionConfig(region=str(tmp_path / "r.safetensors"), init="zero", alpha=1.0)
+    kw = dict(max_steps=4, save_strategy="steps", save_steps=2)
+    make_trainer(model, tmp_path / "out", [FreezeRegionCallback(cfg)], **kw).train()
+    full = region_values(model, region)
+    assert sum(int((v != 0).sum()) for v in full.values()) > 0.9 * region.numel()
+    resumed = tiny_model("llama", seed=1)
+    trainer = make_trainer(resumed, tmp_path / "out", [FreezeRegionCallback(cfg)], **kw)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+    for n, v in region_values(resumed, region).items():
+        assert torch.equal(v, full[n]), n
 
 
 def test_masked_grads_alone_do_not_freeze_under_weight_decay():
@@ -202,6 +270,16 @@ def test_config_roundtrip_and_validation(tmp_path):
         assert key in str(e.value) or repr(bad[key]) in str(e.value)
     with pytest.raises(RegionsError, match="freeze_region_config.json"):
         FreezeRegionConfig.from_pretrained(tmp_path)
+    with pytest.raises(RegionsError, match=r"init 'zeros' is not one of \('keep', 'zero'\)"):
+        FreezeRegionConfig(region=str(tmp_path / "r.safetensors"), init="zeros")
+    zero = FreezeRegionConfig(region=str(tmp_path / "r.safetensors"), init="zero")
+    zero.save_pretrained(tmp_path / "zero")
+    assert json.loads((tmp_path / "zero" / CONFIG_NAME).read_text())["init"] == "zero"
+    assert FreezeRegionConfig.from_pretrained(tmp_path / "zero").init == "zero"
+    old = json.loads((tmp_path / "adapter" / CONFIG_NAME).read_text())
+    del old["init"]  # a config saved before init existed
+    (tmp_path / "adapter" / CONFIG_NAME).write_text(json.dumps(old))
+    assert back.init == FreezeRegionConfig.from_pretrained(tmp_path / "adapter").init == "keep"
 
 
 def test_region_for_another_model_is_rejected(tmp_path):

@@ -15,7 +15,8 @@ from lmeval_regions.importance import (
 
 
 def reference_importance(model, batches, names, mode):
-    """Independent computation: torch.autograd.grad per batch, fp64 sums of θ·g_b."""
+    """Independent computation: torch.autograd.grad per batch, fp64 sums of θ·g_b
+    (``abs_sum``: of |θ·g_b|)."""
     params = dict(model.named_parameters())
     ps = [params[n] for n in names]
     acc = {n: torch.zeros(params[n].shape, dtype=torch.float64) for n in names}
@@ -32,7 +33,7 @@ def reference_importance(model, batches, names, mode):
 def test_importance_equals_per_batch_autograd(model, mode):
     batches = random_batches(n=3)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    imp = compute_importance(model, batches, ImportanceConfig(mode=mode), progress=False)
+    imp = compute_importance(model, batches, ImportanceConfig(criteria=(mode,)), progress=False)
     # the model is not updated, and its flags come back
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]), n
@@ -45,13 +46,13 @@ def test_importance_equals_per_batch_autograd(model, mode):
         torch.testing.assert_close(imp.scores[n].double(), ref[n], rtol=1e-4, atol=1e-9)
     assert imp.n_sequences == 6
     assert imp.n_tokens == sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-    assert imp.n_skipped == 0 and imp.mode == mode
+    assert imp.n_skipped == 0 and imp.criterion == mode and imp.extra["batch_size"] == 2
 
 
 def test_modes_differ_and_abs_sum_dominates(model):
     batches = random_batches(n=3)
-    a = compute_importance(model, batches, ImportanceConfig(mode="abs_sum"), progress=False)
-    s = compute_importance(model, batches, ImportanceConfig(mode="sum_abs"), progress=False)
+    a = compute_importance(model, batches, ImportanceConfig(criteria=("abs_sum",)), progress=False)
+    s = compute_importance(model, batches, ImportanceConfig(criteria=("sum_abs",)), progress=False)
     for n in a.scores:  # triangle inequality: Σ|x_b| >= |Σ x_b|, strictly somewhere
         assert bool((a.scores[n] >= s.scores[n] * (1 - 1e-5) - 1e-12).all())
     assert any(not torch.allclose(a.scores[n], s.scores[n]) for n in a.scores)
@@ -103,15 +104,35 @@ def test_accumulator_state_roundtrip():
     for n in a.buffers:
         assert torch.equal(a.buffers[n], b.buffers[n])
     c = ImportanceAccumulator(dict(lin.named_parameters()), "abs_sum")
-    with pytest.raises(RegionsError, match="mode"):
+    with pytest.raises(RegionsError, match="criterion 'sum_abs' != 'abs_sum'"):
         c.load_state_dict(a.state_dict())
+    old = {**a.state_dict(), "mode": "sum_abs"}  # a state written before criteria existed
+    del old["criterion"]
+    b.load_state_dict(old)
 
 
 def test_bad_config_values():
     with pytest.raises(RegionsError, match="'abs' is not one of"):
+        ImportanceConfig(criteria=("abs",))
+    with pytest.raises(RegionsError, match="'abs' is not one of"):
         ImportanceConfig(mode="abs")
     with pytest.raises(RegionsError, match="float16"):
         ImportanceConfig(dtype="float16")
+    with pytest.raises(RegionsError, match="twice"):
+        ImportanceConfig(criteria=("fisher", "fisher"))
+    with pytest.raises(RegionsError, match="empty"):
+        ImportanceConfig(criteria=())
+    with pytest.raises(RegionsError, match="snapshot 0 is not a sequence count"):
+        ImportanceConfig(snapshots=(0,))
+    with pytest.raises(RegionsError, match="repeat"):
+        ImportanceConfig(snapshots=(4, 4))
+    with pytest.raises(RegionsError, match="either mode"):
+        ImportanceConfig(criteria=("fisher",), mode="abs_sum")
+    # the former spelling still works; a bare string is one criterion; snapshots are sorted
+    assert ImportanceConfig(mode="abs_sum").criteria == ("abs_sum",)
+    assert ImportanceConfig(criteria="wanda").criteria == ("wanda",)
+    assert ImportanceConfig(snapshots=(8, 2)).snapshots == (2, 8)
+    assert ImportanceConfig().criteria == ("sum_abs",)  # paper 1's estimator by default
 
 
 def test_bf16_accumulator_close_to_fp32():
@@ -137,7 +158,8 @@ def test_save_load_combine(tmp_path, model):
         p.save(tmp_path / f"{l}.safetensors")
     loaded = [Importance.load(tmp_path / f"{l}.safetensors", model) for l in ["ar", "es"]]
     for p, q in zip(parts, loaded):
-        assert q.languages == p.languages and q.n_tokens == p.n_tokens and q.mode == p.mode
+        assert q.languages == p.languages and q.n_tokens == p.n_tokens
+        assert q.criterion == p.criterion == "sum_abs" and q.extra["batch_size"] == 2
         assert q.model["sha256"] == p.model["sha256"]
         for n in p.scores:
             assert torch.equal(p.scores[n], q.scores[n])
@@ -145,9 +167,12 @@ def test_save_load_combine(tmp_path, model):
     assert c.languages == ["ar", "es"] and c.n_sequences == 4
     for n in c.scores:
         assert torch.equal(c.scores[n], loaded[0].scores[n] + loaded[1].scores[n])
-    other = compute_importance(model, b, ImportanceConfig(mode="sum_abs"), progress=False)
-    with pytest.raises(ArtefactError, match="modes"):
+    other = compute_importance(model, b, ImportanceConfig(criteria=("abs_sum",)), progress=False)
+    with pytest.raises(ArtefactError, match="criteria 'sum_abs' and 'abs_sum'"):
         combine([loaded[0], other])
+    snap = Importance(loaded[1].scores, "sum_abs", loaded[1].model, ["es"], snapshot=2)
+    with pytest.raises(ArtefactError, match="snapshots of None and 2"):
+        combine([loaded[0], snap])
     with pytest.raises(RegionsError):
         combine([])
 
@@ -179,8 +204,7 @@ def test_taylor_importance_ranks_like_real_loss_change():
     model = tiny_model("llama")
     batches = random_batches(n=2, batch=4, seq=16)
     name = "model.layers.0.mlp.down_proj.weight"
-    imp = compute_importance(model, batches, ImportanceConfig(mode="sum_abs", include=(name,)),
-                             progress=False)
+    imp = compute_importance(model, batches, ImportanceConfig(include=(name,)), progress=False)
 
     @torch.no_grad()
     def total_loss():

@@ -24,12 +24,13 @@ HAND = {"a": torch.tensor([5.0, 1.0, 3.0, 3.0, 0.0, 9.0, 3.0, 2.0, 7.0, 4.0]),
 
 
 @pytest.mark.parametrize("method,ratio,expected_a,expected_b", [
-    ("top", 0.2, [5, 8], [1]),            # k=2 of 10 (9, 7); k=round(0.8)=1 of 4: first 8 wins
+    ("top", 0.2, [5, 8], [1]),            # k=2 of 10 (9, 7); k=max(1, floor(0.8))=1 of 4: first 8
     ("top", 0.3, [0, 5, 8], [1]),         # k=3: 9, 7, 5
     ("bottom", 0.2, [1, 4], [3]),         # 0, 1; b: 0.5
     ("bottom", 0.5, [1, 2, 4, 7, 3], [0, 3]),  # 0,1,2 then ties at 3: lowest positions 2, 3
     ("middle", 0.2, [3, 6], [0]),         # sorted a: 0 1 2 3(2) 3(3) 3(6) 4..; start=(10-2)//2=4
-    ("middle", 0.4, [2, 3, 6, 9], [0, 1]),  # start 3: ranks 3..6 = 3(2),3(3),3(6),4(9)
+    ("middle", 0.4, [2, 3, 6, 9], [0]),   # start 3: ranks 3..6 = 3(2),3(3),3(6),4(9);
+                                          # b: k=floor(1.6)=1, start (4-1)//2=1: 1.0 at 0
 ])
 def test_matrix_selection_hand_computed(method, ratio, expected_a, expected_b):
     r = select(HAND, method, ratio, "matrix")
@@ -141,6 +142,24 @@ def test_random_matrix_selection_seeded_independent_of_order():
     assert not torch.equal(r1.indices["a"], r3.indices["a"])
 
 
+@pytest.mark.parametrize("ratio", [0.01, 0.03, 0.05, 0.29, 0.5])
+def test_region_size_is_floor_of_ratio_times_n_like_the_release(ratio):
+    """Per matrix, Top = torch.topk(scores, k=int(ratio * n)) (paper 1's release), at least 1
+    entry where ratio * n < 1. 0.29 * 100 = 28.999... selects 28, as int() does there."""
+    g = torch.Generator().manual_seed(0)
+    shapes = {"big": (40, 50), "hundred": (10, 10), "odd": (7, 9), "tiny": (3, 3)}
+    scores = {n: torch.rand(s, generator=g) for n, s in shapes.items()}  # no ties
+    r = select(scores, "top", ratio, "matrix")
+    for n, s in scores.items():
+        k = max(1, int(ratio * s.numel()))
+        assert r.indices[n].numel() == k, (n, ratio)
+        assert r.indices[n].tolist() == sorted(torch.topk(s.reshape(-1), k).indices.tolist())
+    if ratio == 0.29:
+        assert r.indices["hundred"].numel() == 28
+    if ratio == 0.05:  # 0.05 * 9 = 0.45 < 1: one entry, not none
+        assert r.indices["tiny"].numel() == 1
+
+
 @pytest.mark.parametrize("ratio", [0, -0.1, 1.01, float("nan"), "abc"])
 def test_ratio_outside_unit_interval(ratio):
     with pytest.raises(RegionsError, match=r"ratio"):
@@ -188,6 +207,8 @@ def test_overlap_jaccard():
     assert o["jaccard"] == pytest.approx(2 / 7)
     assert o["per_matrix"] == {"l.0.q": pytest.approx(2 / 5), "l.1.k": 0.0, "l.1.q": 0.0}
     assert o["per_layer"] == {"0": pytest.approx(2 / 5), "1": 0.0}
+    # per module kind, pooled over layers: q = (2 + 0) / (5 + 1), k = 0 / 1
+    assert o["per_module"] == {"q": pytest.approx(2 / 6), "k": 0.0}
     assert overlap(a, a)["jaccard"] == 1.0
 
 
@@ -266,7 +287,7 @@ def test_region_save_load_and_model_check(tmp_path, arch):
     r = select_from_importance(imp, "top", 0.05)
     r.save(tmp_path / "r.safetensors")
     q = Region.load(tmp_path / "r.safetensors", m)
-    assert q.spec["method"] == "top" and q.spec["source"]["mode"] == "abs_sum"
+    assert q.spec["method"] == "top" and q.spec["source"]["criterion"] == "sum_abs"
     for n in r.indices:
         assert torch.equal(r.indices[n], q.indices[n]) and q.indices[n].dtype == torch.int32
     other = {"llama": "bloom", "gemma3": "bloom", "bloom": "llama"}[arch]

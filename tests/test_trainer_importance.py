@@ -23,7 +23,7 @@ def library_batches(ds: SeqDataset, per_step: int):
     return out
 
 
-@pytest.mark.parametrize("mode", ["abs_sum", "sum_abs"])
+@pytest.mark.parametrize("mode", ["sum_abs", "abs_sum", "fisher"])
 @pytest.mark.parametrize("accum", [1, 2])
 def test_callback_equals_library(tmp_path, arch, mode, accum):
     """lr = 0 keeps θ fixed, so the Trainer's per-step gradients are exactly the library's
@@ -31,15 +31,16 @@ def test_callback_equals_library(tmp_path, arch, mode, accum):
     over accumulated micro-batches is the mean over the step's tokens)."""
     ds = SeqDataset(n=8, seq=12)
     model = tiny_model(arch)
-    cb = ImportanceCallback(ImportanceConfig(mode=mode), languages=["xx"])
+    cb = ImportanceCallback(ImportanceConfig(criteria=(mode,)), languages=["xx"])
     trainer = make_trainer(model, tmp_path, [cb], dataset=ds, learning_rate=0.0, max_grad_norm=0.0,
                            per_device_train_batch_size=1, gradient_accumulation_steps=accum,
                            max_steps=8 // accum, train_sampling_strategy="sequential")
     trainer.train()
     ref = compute_importance(tiny_model(arch), library_batches(ds, accum),
-                             ImportanceConfig(mode=mode), progress=False)
+                             ImportanceConfig(criteria=(mode,)), progress=False)
     got = Importance.load(tmp_path / ARTEFACT_NAME, model)
-    assert got.mode == mode and got.languages == ["xx"] and got.n_skipped == 0
+    assert got.criterion == mode and got.languages == ["xx"] and got.n_skipped == 0
+    assert got.extra["batch_size"] == ref.extra["batch_size"] == accum
     assert got.sources[0]["optimizer_steps"] == 8 // accum
     assert set(got.scores) == set(ref.scores)
     assert got.model["sha256"] == ref.model["sha256"]
@@ -67,6 +68,15 @@ def test_before_clip_recovers_unclipped_gradients(tmp_path):
     assert results[True].extra["gradients"] == "before_clip"
 
 
+def test_callback_refuses_what_it_cannot_accumulate():
+    for cfg, match in [(ImportanceConfig(criteria=("wanda",)), "one gradient criterion"),
+                       (ImportanceConfig(criteria=("magnitude",)), "one gradient criterion"),
+                       (ImportanceConfig(criteria=("sum_abs", "fisher")), "one gradient criterion"),
+                       (ImportanceConfig(snapshots=(10,)), "no snapshots")]:
+        with pytest.raises(RegionsError, match=match):
+            ImportanceCallback(cfg)
+
+
 def test_before_clip_without_attach_is_an_error(tmp_path):
     trainer = make_trainer(tiny_model("llama"), tmp_path, [ImportanceCallback(before_clip=True)])
     with pytest.raises(RegionsError, match="attach"):
@@ -76,14 +86,15 @@ def test_before_clip_without_attach_is_an_error(tmp_path):
 def test_resume_gives_the_uninterrupted_artefact(tmp_path):
     kw = dict(max_steps=4, save_strategy="steps", save_steps=2, gradient_accumulation_steps=2,
               max_grad_norm=0.05, learning_rate=1e-2, weight_decay=0.1)
-    cb = ImportanceCallback(ImportanceConfig(mode="sum_abs"))
+    cb = ImportanceCallback()
+    assert cb.criterion == "sum_abs"  # paper 1's estimator by default
     make_trainer(tiny_model("llama"), tmp_path, [cb], **kw).train()
     full = cb.importance
     assert (tmp_path / "checkpoint-2" / STATE_NAME).is_file()
     mid = Importance.load(tmp_path / "checkpoint-2" / ARTEFACT_NAME)
     assert mid.sources[0]["optimizer_steps"] == 2
 
-    cb2 = ImportanceCallback(ImportanceConfig(mode="sum_abs"))
+    cb2 = ImportanceCallback()
     trainer = make_trainer(tiny_model("llama", seed=1), tmp_path, [cb2], **kw)  # weights come from the checkpoint
     trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
     resumed = cb2.importance

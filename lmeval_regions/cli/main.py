@@ -32,7 +32,7 @@ from lmeval_regions.errors import RegionsError
 from lmeval_regions.models import ModelConfig
 
 # Modules under lmeval_regions.cli.commands; each defines COMMANDS: list[Command].
-GROUPS = ["core", "eval", "dims", "neurons", "data", "demo"]
+GROUPS = ["core", "eval", "dims", "neurons", "studies", "data", "demo"]
 
 
 @dataclass

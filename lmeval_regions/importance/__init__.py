@@ -1,18 +1,24 @@
-"""Importance: per-parameter |θ ⊙ ∇L| over a corpus, as an artefact.
+"""Importance: per-parameter scores over a corpus, as an artefact.
 
-* :mod:`.accumulator` -- :class:`ImportanceAccumulator` (fp32 or stochastic-rounding bf16
-  buffers; FSDP2 local shards), shared with the Trainer callback;
-* :mod:`.compute` -- :class:`ImportanceConfig` and :func:`compute_importance`;
+* :mod:`.accumulator` -- :class:`ImportanceAccumulator` for the gradient criteria (fp32 or
+  stochastic-rounding bf16 buffers; FSDP2 local shards), shared with the Trainer callback;
+* :mod:`.criteria` -- ``magnitude`` |θ| and ``wanda`` |W|·‖X‖ (input norms by forward hooks);
+* :mod:`.compute` -- :class:`ImportanceConfig`, :class:`ImportancePass` (every criterion in one
+  pass), :func:`compute_importance` and :func:`iter_importances` (cumulative snapshots);
 * :mod:`.artefact` -- :class:`Importance` (scores + provenance) and :func:`combine`;
 * :mod:`.shards` -- per-rank files under FSDP2 and their merge.
 """
 
-from lmeval_regions.importance.accumulator import (MODES, ImportanceAccumulator, Mode,
-                                                   add_stochastic_bf16)
-from lmeval_regions.importance.artefact import KIND, Importance, combine
-from lmeval_regions.importance.compute import ImportanceConfig, compute_importance
+from lmeval_regions.importance.accumulator import (CRITERIA, GRADIENT_CRITERIA, Criterion,
+                                                   ImportanceAccumulator, add_stochastic_bf16)
+from lmeval_regions.importance.artefact import KIND, Importance, combine, criterion_of
+from lmeval_regions.importance.compute import (ImportanceConfig, ImportancePass, PassState,
+                                               compute_importance, iter_importances)
+from lmeval_regions.importance.criteria import InputNorms, magnitude_scores
 from lmeval_regions.importance.shards import merge_shards, save_shard, shard_path, shard_paths
 
-__all__ = ["KIND", "MODES", "Importance", "ImportanceAccumulator", "ImportanceConfig", "Mode",
-           "add_stochastic_bf16", "combine", "compute_importance", "merge_shards", "save_shard",
-           "shard_path", "shard_paths"]
+__all__ = ["CRITERIA", "GRADIENT_CRITERIA", "KIND", "Criterion", "Importance",
+           "ImportanceAccumulator", "ImportanceConfig", "ImportancePass", "InputNorms",
+           "PassState", "add_stochastic_bf16", "combine", "compute_importance", "criterion_of",
+           "iter_importances", "magnitude_scores", "merge_shards", "save_shard", "shard_path",
+           "shard_paths"]

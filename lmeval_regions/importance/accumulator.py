@@ -1,15 +1,22 @@
-"""Accumulating per-parameter importance |θ ⊙ ∇L| from gradients, without updating the model.
+"""Accumulating per-parameter gradient criteria, without updating the model.
 
-Two modes (paper 1, Eq. 4 and its released code):
+g_b is the gradient of batch b's mean token loss. Gradient criteria (one buffer each):
 
-``abs_sum``  I = Σ_b |θ_b ⊙ g_b|   (Eq. 4 summed over batches; the default)
-``sum_abs``  I = |Σ_b θ_b ⊙ g_b|   (the released code: gradients summed over all batches,
-                                    absolute value taken once at the end; with θ fixed this is
-                                    |θ ⊙ Σ_b g_b|)
+``sum_abs``  I = |Σ_b θ_b ⊙ g_b|   paper 1 Eq. 1-4 and its release (the default): the loss of
+                                    the whole corpus, L(D) = Σ_b L_b, scores a parameter by
+                                    |θ ⊙ ∇L(D)| = |θ ⊙ Σ_b g_b| when θ is fixed; the release
+                                    summed gradients over all micro-batches without stepping
+                                    and took |·| once at extraction. Independent of how the
+                                    corpus is cut into batches (up to float rounding).
+``abs_sum``  I = Σ_b |θ_b ⊙ g_b|   the absolute value taken per batch, then summed: a
+                                    different estimator (≥ sum_abs), and its ranking changes
+                                    with the batch size.
+``fisher``   I = Σ_b g_b ⊙ g_b     empirical Fisher diagonal of the batch-mean-loss gradients
+                                    (also batch-size dependent).
 
-One accumulator serves both: it adds |θ⊙g| or θ⊙g per batch into fp32 buffers and takes the
-absolute value at :meth:`ImportanceAccumulator.result`. The Trainer callback
-(``trainer_ext``) uses the same accumulator on each optimizer step's gradients.
+``magnitude`` (|θ|) and ``wanda`` (|W|·‖X‖, forward hooks) need no gradient buffer: see
+:mod:`.criteria`. The Trainer callback (``trainer_ext``) uses the same accumulator on each
+optimizer step's gradients (θ_b is then the weight before step b).
 """
 
 from __future__ import annotations
@@ -22,8 +29,11 @@ from torch import nn
 from lmeval_regions.errors import RegionsError
 from lmeval_regions.models.sharding import local
 
-Mode = Literal["abs_sum", "sum_abs"]
-MODES = ("abs_sum", "sum_abs")
+Criterion = Literal["sum_abs", "abs_sum", "fisher", "magnitude", "wanda"]
+CRITERIA: tuple[str, ...] = ("sum_abs", "abs_sum", "fisher", "magnitude", "wanda")
+"""Every importance criterion, the paper's (``sum_abs``) first."""
+GRADIENT_CRITERIA: tuple[str, ...] = ("sum_abs", "abs_sum", "fisher")
+"""Criteria accumulated from gradients (one backward per batch serves all of them)."""
 
 
 def add_stochastic_bf16(acc: torch.Tensor, x: torch.Tensor, gen: torch.Generator | None) -> None:
@@ -48,7 +58,8 @@ def add_stochastic_bf16(acc: torch.Tensor, x: torch.Tensor, gen: torch.Generator
 
 
 class ImportanceAccumulator:
-    """Adds θ⊙g (or |θ⊙g|) of the current gradients into per-parameter buffers.
+    """Adds θ⊙g (``sum_abs``), |θ⊙g| (``abs_sum``) or g⊙g (``fisher``) of the current gradients
+    into per-parameter buffers.
 
     Call :meth:`accumulate` after each backward pass (or optimizer step's gradients). A batch
     whose gradients contain a non-finite value anywhere is skipped whole and counted.
@@ -57,13 +68,14 @@ class ImportanceAccumulator:
     """
 
     def __init__(
-        self, params: Mapping[str, nn.Parameter], mode: Mode = "abs_sum", dtype: str = "float32",
-        seed: int = 0,
+        self, params: Mapping[str, nn.Parameter], criterion: Criterion = "sum_abs",
+        dtype: str = "float32", seed: int = 0,
     ):
-        if mode not in MODES:
-            raise RegionsError(f"importance mode '{mode}' is not one of {MODES}")
+        if criterion not in GRADIENT_CRITERIA:
+            raise RegionsError(f"gradient criterion '{criterion}' is not one of "
+                               f"{GRADIENT_CRITERIA}")
         self.params = dict(params)
-        self.mode = mode
+        self.criterion = criterion
         self.dtype = getattr(torch, dtype)
         # Under FSDP2 a parameter is a DTensor sharded on dim 0: accumulate this rank's rows.
         self.buffers = {
@@ -111,33 +123,38 @@ class ImportanceAccumulator:
     def accumulate(self, check_finite: bool = True, scale: float = 1.0) -> bool:
         """Add this batch's contribution; False (and counted) when skipped as non-finite.
 
-        ``scale`` (> 0) multiplies θ⊙g before it is added: the Trainer callback passes
-        1/clip-coefficient to score gradients as they were before clipping."""
+        ``scale`` (> 0) multiplies the gradient before it is used (so g⊙g by ``scale**2``):
+        the Trainer callback passes 1/clip-coefficient to score gradients as they were before
+        clipping."""
         if check_finite and not self.grads_finite():
             self.n_skipped += 1
             return False
+        fisher = self.criterion == "fisher"
+        if fisher:
+            scale = scale * scale
         for name, p in self.params.items():
             g = p.grad
             if g is None:
                 continue
             buf = self.buffers[name]
-            theta, g = local(p.detach()), local(g)  # FSDP2: this rank's rows
+            g = local(g)  # FSDP2: this rank's rows
+            theta = g if fisher else local(p.detach())
             # Fast path (plain fp32 tensors): fused ops into reused memory, no temporaries.
             if (buf.dtype == theta.dtype == g.dtype == torch.float32
                     and type(theta) is torch.Tensor and type(g) is torch.Tensor):
-                if self.mode == "sum_abs":
-                    buf.addcmul_(theta, g, value=scale)
-                else:
+                if self.criterion == "abs_sum":
                     tmp = self._scratch_for(theta)
                     torch.mul(theta, g, out=tmp)
                     buf.add_(tmp.abs_(), alpha=scale)
+                else:  # sum_abs: θ⊙g, fisher: g⊙g (signed sum; |·| at result())
+                    buf.addcmul_(theta, g, value=scale)
                 continue
             prod = torch.mul(theta, g)  # bf16/fp16 models, DTensor shards
             if prod.dtype != torch.float32:
                 prod = prod.float()
             if scale != 1.0:
                 prod.mul_(scale)
-            if self.mode == "abs_sum":
+            if self.criterion == "abs_sum":
                 prod.abs_()
             if buf.dtype == torch.float32:
                 buf.add_(prod)
@@ -146,17 +163,27 @@ class ImportanceAccumulator:
         self.n_batches += 1
         return True
 
+    def skip(self) -> None:
+        """Count a batch skipped by a caller that checked :meth:`grads_finite` itself."""
+        self.n_skipped += 1
+
     def result(self) -> dict[str, torch.Tensor]:
-        """The scores: fp32 tensors, absolute values (``sum_abs`` takes |·| here)."""
+        """The scores: new fp32 tensors, absolute values (``sum_abs`` takes |·| here)."""
         return {n: b.float().abs() for n, b in self.buffers.items()}
+
+    def raw(self) -> dict[str, torch.Tensor]:
+        """fp32 copies of the raw buffers (signed for ``sum_abs``): sums over disjoint corpora
+        add, so two passes' raw sums give the sum over both corpora."""
+        return {n: b.float().clone() for n, b in self.buffers.items()}
 
     def state_dict(self) -> dict[str, Any]:
         return {"buffers": self.buffers, "n_batches": self.n_batches, "n_skipped": self.n_skipped,
-                "mode": self.mode}
+                "criterion": self.criterion}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if state["mode"] != self.mode:
-            raise RegionsError(f"saved accumulator mode '{state['mode']}' != '{self.mode}'")
+        saved = state.get("criterion", state.get("mode"))  # "mode": states written before criteria
+        if saved != self.criterion:
+            raise RegionsError(f"saved accumulator criterion '{saved}' != '{self.criterion}'")
         for n, b in state["buffers"].items():
             if n not in self.buffers:
                 raise RegionsError(f"saved accumulator has unknown parameter '{n}'")

@@ -27,7 +27,7 @@ from torch import nn
 
 from lmeval_regions.artefacts import read_metadata, save_artefact, torch_dtype, write_safetensors
 from lmeval_regions.errors import ArtefactError, RegionsError
-from lmeval_regions.importance.artefact import KIND, Importance
+from lmeval_regions.importance.artefact import KIND, Importance, criterion_of
 from lmeval_regions.models.sharding import is_sharded, local_rows, rank_world
 
 
@@ -76,7 +76,7 @@ def save_shard(importance: Importance, model: nn.Module, path: str | os.PathLike
 def merge_shards(paths: Iterable[str | os.PathLike], out: str | os.PathLike) -> Path:
     """Merge the per-rank files of one run into one importance artefact at ``out``.
 
-    Checks that the files are all ranks of one run (same model, mode, world size, names) and
+    Checks that the files are all ranks of one run (same model, criterion, world size, names) and
     that their rows tile every tensor exactly; the output is written tensor by tensor.
     """
     paths = [Path(p) for p in paths]
@@ -94,9 +94,9 @@ def merge_shards(paths: Iterable[str | os.PathLike], out: str | os.PathLike) -> 
                             f"each; got ranks {ranks} from {[str(p) for p in paths]}")
     first = docs[0]
     for p, d in zip(paths, docs):
-        for key in ("mode", "model"):
-            if d[key] != first[key]:
-                raise ArtefactError(f"'{p}' differs from '{paths[0]}' in '{key}': not one run")
+        if criterion_of(d, p) != criterion_of(first, paths[0]) or d["model"] != first["model"]:
+            raise ArtefactError(f"'{p}' differs from '{paths[0]}' in criterion or model: not "
+                                "one run")
         if d["shard"]["world_size"] != world or d["shard"]["shapes"] != first["shard"]["shapes"]:
             raise ArtefactError(f"'{p}' differs from '{paths[0]}' in world size or tensor set")
     by_rank = sorted(zip(paths, docs), key=lambda pd: pd[1]["shard"]["rank"])

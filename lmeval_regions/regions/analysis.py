@@ -29,15 +29,17 @@ def layer_index(name: str) -> int | None:
     return None
 
 
-def overlap(a: Region, b: Region, layer_of=None) -> dict[str, Any]:
-    """Jaccard overlap of two regions: total, per matrix, and per layer.
+def overlap(a: Region, b: Region, layer_of=None, kind_of=None) -> dict[str, Any]:
+    """Jaccard overlap of two regions: total, per matrix, per layer and per module kind.
 
     ``layer_of(name) -> int | None`` groups parameters by layer (default: the first integer in
-    the dotted name).
+    the dotted name); ``kind_of(name)`` by module (default: :func:`matrix_kind`, e.g.
+    ``self_attn.q_proj``). A group's Jaccard pools its matrices' intersections and unions.
     """
     layer_of = layer_of or layer_index
+    kind_of = kind_of or matrix_kind
     names = sorted(set(a.indices) | set(b.indices))
-    per_matrix, layers = {}, {}
+    per_matrix, layers, kinds = {}, {}, {}
     tot_i = tot_u = 0
     for n in names:
         ia, ib = a.indices.get(n), b.indices.get(n)
@@ -49,6 +51,8 @@ def overlap(a: Region, b: Region, layer_of=None) -> dict[str, Any]:
         l = layer_of(n)
         li, lu = layers.get(l, (0, 0))
         layers[l] = (li + inter, lu + union)
+        ki, ku = kinds.get(kind_of(n), (0, 0))
+        kinds[kind_of(n)] = (ki + inter, ku + union)
         tot_i += inter
         tot_u += union
     return {
@@ -56,6 +60,7 @@ def overlap(a: Region, b: Region, layer_of=None) -> dict[str, Any]:
         "intersection": tot_i, "union": tot_u, "size_a": a.numel(), "size_b": b.numel(),
         "per_matrix": per_matrix,
         "per_layer": {str(l): (i / u if u else float("nan")) for l, (i, u) in layers.items()},
+        "per_module": {k: (i / u if u else float("nan")) for k, (i, u) in kinds.items()},
     }
 
 

@@ -221,8 +221,14 @@ def select_global(scores: Mapping[str, torch.Tensor], names: list[str], method: 
 
 
 def n_select(n: int, ratio: float) -> int:
-    """How many of ``n`` entries a ratio selects: round half up, at least 1."""
-    return max(1, min(n, math.floor(ratio * n + 0.5)))
+    """How many of ``n`` entries a ratio selects: ``floor(ratio * n)``, at least 1.
+
+    The floor is paper 1's release (``torch.topk`` with ``k = int(ratio * n)``), computed in
+    the same float arithmetic, so e.g. ``0.29 * 100 = 28.999...`` selects 28 there and here.
+    A unit with ``ratio * n < 1`` (a small matrix, a row) still gets one entry: the release
+    would select none there, which would leave the unit out of every region.
+    """
+    return max(1, min(n, math.floor(ratio * n)))
 
 
 def check_ratio(ratio: float) -> float:

@@ -21,6 +21,7 @@ import torch
 
 from lmeval_regions.artefacts import LazyScores
 from lmeval_regions.errors import ArtefactError, RegionsError, did_you_mean
+from lmeval_regions.importance import criterion_of
 from lmeval_regions.regions.ranking import (METHODS, check_ratio, n_select, seed_for,
                                             select_flat, select_global)
 from lmeval_regions.regions.region import Region, index_dtype
@@ -107,7 +108,8 @@ def select(
     Args:
         method: ``top`` (largest), ``bottom`` (smallest), ``middle`` (the band of k entries
             centred on the median) or ``random`` (uniform, seeded; ignores the scores' values).
-        ratio: fraction in (0, 1]; ``k = n_select(n, ratio)`` entries per unit of ``n``.
+        ratio: fraction in (0, 1]; ``k = max(1, floor(ratio * n))`` entries per unit (paper 1's
+            release: ``torch.topk`` with ``k = int(ratio * n)``; see :func:`n_select`).
         scope: the unit k is taken from: ``matrix`` (each logical matrix, paper 1: "N equals
             3% of each parameter matrix"), ``row`` (each logical output row of each 2-D
             parameter; 1-D = one row), ``global`` (the whole set of parameters at once).
@@ -198,8 +200,9 @@ def select_from_importance(importance, method: Method, ratio: float, scope: Scop
                            seed: int = 0, fused: Fused = "split") -> Region:
     """:func:`select` over an :class:`~lmeval_regions.importance.Importance`, keeping provenance
     and splitting fused parameters by its ``layouts`` record."""
-    source = {"languages": importance.languages, "mode": importance.mode,
-              "n_sequences": importance.n_sequences, "n_tokens": importance.n_tokens}
+    source = {"languages": importance.languages, "criterion": importance.criterion,
+              "snapshot": importance.snapshot, "n_sequences": importance.n_sequences,
+              "n_tokens": importance.n_tokens}
     return select(importance.scores, method, ratio, scope, seed, importance.model, source=source,
                   fused=fused, layouts=importance.extra.get("layouts"))
 
@@ -218,7 +221,8 @@ def select_file(path: str | os.PathLike, method: str, ratio: float, scope: str =
         scores.check(names)
     meta = scores.meta
     source = {"file": str(path), "languages": meta.get("languages", []),
-              "mode": meta.get("mode"), "n_sequences": meta.get("n_sequences"),
+              "criterion": criterion_of(meta, path, required=False),
+              "snapshot": meta.get("snapshot"), "n_sequences": meta.get("n_sequences"),
               "n_tokens": meta.get("n_tokens")}
     return select(scores, method, ratio, scope, seed, meta.get("model", {}), names, source,
                   fused, meta.get("layouts"))

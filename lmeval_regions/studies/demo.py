@@ -251,7 +251,7 @@ def _commands(model: ModelConfig, corpus: CorpusConfig, config: ImportanceConfig
     imp = out / "importance"
     lim = f" --limit {demo.eval_limit}" if demo.eval_limit else ""
     flags = (f"--units {corpus.units} --skip {corpus.skip} --max-length {corpus.max_length} "
-             f"--batch-size {corpus.batch_size} --mode {config.mode} "
+             f"--batch-size {corpus.batch_size} --criteria {','.join(config.criteria)} "
              f"--dtype {model.dtype}")
     lines = ["#!/usr/bin/env bash", "# Commands that reproduce each step of this report.",
              "set -euo pipefail", f"MODEL={q(model_path)}", f"TEXTS={q(str(udhr))}",
@@ -304,6 +304,11 @@ def run_demo(model: ModelConfig | None = None, corpus: CorpusConfig | None = Non
     demo = demo or DemoConfig()
     corpus = corpus or CorpusConfig()
     importance = importance or ImportanceConfig()
+    if len(importance.criteria) != 1 or importance.snapshots:
+        raise RegionsError(f"the demo computes one importance criterion without snapshots; got "
+                           f"--criteria {','.join(importance.criteria)} --snapshots "
+                           f"{','.join(map(str, importance.snapshots)) or 'none'} (run "
+                           "`lmeval-regions importance` or `robustness` for several)")
     if demo.quick:
         corpus = quick_corpus(corpus)
     check_corpus(corpus)
@@ -389,7 +394,8 @@ def _markdown(report: dict[str, Any], table1, mono) -> str:
     pm = report["pattern"]["monolingual"]
     lines = [
         "# Linguistic regions: paper 1 reproduced on " + model["model"], "",
-        f"Importance |θ·∇L| ({report['config']['importance']['mode']}) over UDHR units "
+        f"Importance ({', '.join(report['config']['importance']['criteria'])}; paper 1's is "
+        "sum_abs = |θ·∇L| with L the loss of all batches) over UDHR units "
         f"{corpus['skip']}..{corpus['skip'] + corpus['units'] - 1} of {', '.join(corpus['langs'])} "
         f"({corpus['max_length']} tokens each); core score = sum over these "
         f"{len(corpus['langs'])} languages. Regions are selected per matrix and zeroed; "

@@ -157,7 +157,7 @@ def run_dims_report(model_cfg: ModelConfig, corpus: CorpusConfig, heldout: HeldO
                 else f"units {corpus.skip}..{corpus.skip + corpus.units - 1}")
     doc = {"model": model_cfg.model, "langs": langs, "importance": {
                "file": str(imp_path), "languages": imp_langs, "n_sequences": imp.n_sequences,
-               "n_tokens": imp.n_tokens, "mode": imp.mode},
+               "n_tokens": imp.n_tokens, "criterion": imp.criterion},
            "eval_units": eval_span,
            "max_length": corpus.max_length, "ratio": cfg.ratio, "region_entries": region.numel(),
            "base": base, "outliers": outl.to_dict(), "removal": table, "ablation_wo_outliers": ablation,
@@ -167,7 +167,7 @@ def run_dims_report(model_cfg: ModelConfig, corpus: CorpusConfig, heldout: HeldO
     write_text_atomic(out / "report.json", json.dumps(doc, indent=1, sort_keys=True))
 
     md = [f"# Dimensional dependence: {model_cfg.model}", "",
-          f"Region: Top {cfg.ratio:g} per matrix of |θ·∇L| ({imp.mode}) over "
+          f"Region: Top {cfg.ratio:g} per matrix of importance ({imp.criterion}) over "
           f"{', '.join(imp_langs)} ({imp_desc}); {region.numel()} entries. Perplexity: pooled token "
           f"PPL on units {eval_span[0]}..{eval_span[1]} of {', '.join(held_texts)}, "
           f"{corpus.max_length} tokens. Base PPL **{base['ppl']:.4g}**.", "",

@@ -19,7 +19,12 @@ This adapter does both halves, per region entry only:
    bit-exactly. Skipped steps (fp16 overflow) call no hook and change nothing.
 
 Soft variant (``alpha > 0`` or ``max_update``): the step pre-hook copies the region's entries,
-the post-hook sets them to ``old + clamp(alpha * (new - old), ±max_update)``.
+the post-hook sets them to ``old + clamp(alpha * (new - old), ±max_update)``; ``alpha == 1``
+without a bound hooks no step at all.
+
+Remove then freeze/train (``init="zero"``, paper 1 Table 2): the region's entries are set to
+zero when the adapter attaches, before the frozen values are stored, so freezing keeps them at
+exactly zero (the release's ``param_clone.mul_(0)`` variant of its freeze script).
 
 Memory: int64 indices plus one value per region entry (frozen values, or the pre-step copy for the
 soft variant), on the parameter's device; never a dense mask. Region indices refer to full
@@ -89,7 +94,10 @@ class FreezeRegionAdapter:
         model: nn.Module,
         config: FreezeRegionConfig | Region | str | os.PathLike,
         optimizer: torch.optim.Optimizer | Iterable[torch.optim.Optimizer] | None = None,
+        apply_init: bool = True,
     ):
+        """``apply_init=False`` skips ``config.init`` (a run resumed from a checkpoint, whose
+        region already holds what the first attachment made of it)."""
         if isinstance(config, (Region, str, os.PathLike)):
             region = config if isinstance(config, Region) else None
             config = FreezeRegionConfig(region=str(config) if region is None else "<in memory>")
@@ -114,6 +122,9 @@ class FreezeRegionAdapter:
             idx = local_indices(p, full_idx).to(local(p).device)
             if idx.numel() == 0:
                 continue  # another rank's shard
+            if apply_init and config.init == "zero":
+                with torch.no_grad():
+                    local(p).detach().view(-1).index_fill_(0, idx, 0)
             values = None
             if config.frozen:
                 values = local(p).detach().reshape(-1).index_select(0, idx).clone()
@@ -147,7 +158,7 @@ class FreezeRegionAdapter:
     def _pre_step(self, optimizer, args, kwargs) -> None:
         if self.config.mask_grads:
             self.mask_grads()
-        if not self.config.frozen:
+        if not self.config.frozen and not self.config.free:
             for e in self.entries.values():
                 e.old = e.flat().index_select(0, e.idx)
 
@@ -155,6 +166,8 @@ class FreezeRegionAdapter:
     def _post_step(self, optimizer, args, kwargs) -> None:
         if self.config.frozen:
             self.restore()
+            return
+        if self.config.free:
             return
         alpha, bound = self.config.alpha, self.config.max_update
         for e in self.entries.values():
@@ -210,7 +223,8 @@ class FreezeRegionCallback(TrainerCallback):
 
     Attaches at ``on_train_begin`` (after the model is prepared and, when resuming, loaded from
     the checkpoint, before the first backward) to the model and the Trainer's optimizer; removes
-    its hooks at ``on_train_end``.
+    its hooks at ``on_train_end``. ``init="zero"`` zeroes the region only when training starts
+    at step 0 (a resumed run's checkpoint already holds the result).
     """
 
     def __init__(self, config: FreezeRegionConfig):
@@ -225,7 +239,8 @@ class FreezeRegionCallback(TrainerCallback):
             self.adapter.remove()
         if model is None or optimizer is None:
             raise RegionsError("FreezeRegionCallback needs the Trainer's model and optimizer")
-        self.adapter = FreezeRegionAdapter(model, self.config, optimizer)
+        self.adapter = FreezeRegionAdapter(model, self.config, optimizer,
+                                           apply_init=state.global_step == 0)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.adapter is not None:

@@ -7,7 +7,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from lmeval_regions.artefacts import write_text_atomic
 from lmeval_regions.errors import RegionsError
@@ -15,6 +15,7 @@ from lmeval_regions.regions import Region
 
 CONFIG_NAME = "freeze_region_config.json"
 REGION_NAME = "region.safetensors"
+INITS = ("keep", "zero")
 
 
 @dataclass
@@ -24,7 +25,11 @@ class FreezeRegionConfig:
     ``alpha == 0`` and no ``max_update``: the region's entries stay bit-identical (freezing,
     paper 1 §3.5). Otherwise each optimizer step's update ``Δ = new - old`` of every region entry
     becomes ``clamp(alpha * Δ, -max_update, max_update)`` (paper 1's future work: "limit the
-    magnitude of parameter updates").
+    magnitude of parameter updates"); ``alpha == 1`` without ``max_update`` leaves it free.
+
+    ``init="zero"`` first sets the region to zero (paper 1 Table 2, "remove then train"):
+    with freezing it stays exactly zero (``Top & Freeze``, ``Bottom & Freeze``); with
+    ``alpha=1`` it is removed, then trained freely (``Top & Unfreeze``).
     """
 
     region: str
@@ -37,6 +42,10 @@ class FreezeRegionConfig:
     """Zero the region's gradients as they are accumulated (before clipping, so they do not count
     in the clipped norm nor in optimizer moments). Default: True when freezing, False otherwise
     (a soft region still needs its gradients)."""
+    init: Literal["keep", "zero"] = "keep"
+    """What the region holds when the adapter attaches: ``keep`` its values, or ``zero`` them
+    first (remove then freeze/train, paper 1 Table 2). Applied once, at the start of training
+    (not again when a run resumes from a checkpoint)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.region, (str, os.PathLike)) or not str(self.region):
@@ -55,6 +64,9 @@ class FreezeRegionConfig:
                 raise RegionsError(f"max_update {self.max_update!r} is not a positive number") from None
             if not self.max_update > 0 or math.isinf(self.max_update):
                 raise RegionsError(f"max_update {self.max_update!r} must be a finite number > 0")
+        if self.init not in INITS:
+            raise RegionsError(f"init {self.init!r} is not one of {INITS} (keep the region's "
+                               "values, or zero them before training)")
         if self.mask_grads is None:
             self.mask_grads = self.frozen
 
@@ -62,6 +74,11 @@ class FreezeRegionConfig:
     def frozen(self) -> bool:
         """True when the region must stay bit-identical."""
         return self.alpha == 0.0 and self.max_update is None
+
+    @property
+    def free(self) -> bool:
+        """True when steps inside the region are left as the optimizer makes them."""
+        return self.alpha == 1.0 and self.max_update is None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

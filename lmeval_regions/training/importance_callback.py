@@ -1,4 +1,9 @@
-"""``ImportanceCallback``: paper 1's importance |θ ⊙ g| accumulated during Trainer training.
+"""``ImportanceCallback``: paper 1's importance accumulated during Trainer training.
+
+One gradient criterion per callback (default ``sum_abs``, paper 1's |Σ_t θ_t ⊙ g_t|, which is
+|θ ⊙ Σ_t g_t| when the learning rate is 0; ``abs_sum`` and ``fisher`` on request). ``magnitude``
+and ``wanda`` are not accumulated from training steps (compute them with
+:func:`~lmeval_regions.importance.iter_importances`); snapshots neither.
 
 When the gradients are read (transformers 5.23, ``Trainer._run_epoch``): after the last
 micro-batch's backward, the Trainer unscales (fp16) and clips the gradients
@@ -15,7 +20,8 @@ up to fp32 rounding without touching the gradients the optimizer uses.
 
 A step with any non-finite gradient (e.g. an fp16 overflow step) is skipped whole and counted
 (``n_skipped``). The artefact is the library's :class:`~lmeval_regions.importance.Importance`
-(same modes, same file format). State (raw fp32 buffers and counters) is written into each
+(same criteria, same file format), recording the step's batch size
+(per-device batch × accumulation steps × processes). State (raw fp32 buffers and counters) is written into each
 checkpoint folder at ``on_save`` and read back at ``on_train_begin`` when training resumes, so a
 resumed run ends with the same artefact as an uninterrupted one.
 
@@ -36,9 +42,11 @@ from transformers import TrainerCallback
 
 from lmeval_regions.artefacts import load_artefact, model_fingerprint, save_artefact
 from lmeval_regions.errors import RegionsError
-from lmeval_regions.importance import Importance, ImportanceAccumulator, ImportanceConfig
+from lmeval_regions.importance import (GRADIENT_CRITERIA, Importance, ImportanceAccumulator,
+                                       ImportanceConfig)
 
 from lmeval_regions.models.architecture import block_parameters
+from lmeval_regions.models.module_map import matrix_layouts
 from lmeval_regions.models.sharding import full_tensor, local_slice
 from lmeval_regions.training.freeze import unwrap_model
 
@@ -51,8 +59,9 @@ class ImportanceCallback(TrainerCallback):
     """Accumulate importance from each optimizer step's gradients.
 
     Args:
-        config: mode (``abs_sum``/``sum_abs``), parameters (``include``/``include_norms``) and
-            accumulator dtype, as for :func:`~lmeval_regions.importance.compute_importance`.
+        config: one gradient criterion (``sum_abs`` default, ``abs_sum``, ``fisher``),
+            parameters (``include``/``include_norms``) and accumulator dtype, as for
+            :func:`~lmeval_regions.importance.compute_importance`.
         output: where to write the final artefact at ``on_train_end``
             (default ``<output_dir>/importance.safetensors``).
         before_clip: score the gradients before clipping (needs :meth:`attach`).
@@ -67,6 +76,17 @@ class ImportanceCallback(TrainerCallback):
         if config is not None and not isinstance(config, ImportanceConfig):
             raise RegionsError(f"config must be an ImportanceConfig, got {type(config).__name__}")
         self.config = config or ImportanceConfig()
+        crit = self.config.criteria
+        if len(crit) != 1 or crit[0] not in GRADIENT_CRITERIA:
+            raise RegionsError(f"ImportanceCallback accumulates one gradient criterion of "
+                               f"{GRADIENT_CRITERIA}, got {crit}; compute 'magnitude'/'wanda' or "
+                               "several criteria with importance.iter_importances")
+        if self.config.snapshots:
+            raise RegionsError(f"ImportanceCallback takes no snapshots (got "
+                               f"{self.config.snapshots}); checkpoints already hold the "
+                               "importance so far (importance.safetensors in each)")
+        self.criterion = crit[0]
+        self._batch_size: int | None = None
         self.output = output
         self.before_clip = bool(before_clip)
         self.languages = list(languages or [])
@@ -76,6 +96,7 @@ class ImportanceCallback(TrainerCallback):
         self._clip_norm: float | None = None
         self._attached = False
         self._fingerprint: dict[str, Any] = {}
+        self._layouts: dict[str, Any] = {}
         self.importance: Importance | None = None
         """The artefact written at the end of training."""
 
@@ -106,8 +127,14 @@ class ImportanceCallback(TrainerCallback):
         cfg = self.config
         self.params = block_parameters(model, cfg.include, cfg.include_norms)
         self._fingerprint = model_fingerprint(model)
+        # logical q/k/v of fused weights, [in, out] storage: selection needs them later
+        self._layouts = matrix_layouts(model, self.params)
         # The accumulator keeps FSDP2 shards local (buffers shaped like each rank's rows).
-        self.acc = ImportanceAccumulator(self.params, cfg.mode, cfg.dtype)
+        self.acc = ImportanceAccumulator(self.params, self.criterion, cfg.dtype)
+        per_device = getattr(args, "per_device_train_batch_size", None)  # None: not a Trainer's
+        self._batch_size = None if per_device is None else (
+            per_device * getattr(args, "gradient_accumulation_steps", 1)
+            * getattr(args, "world_size", 1))
         if state.global_step > 0:
             self._load(args, state)
 
@@ -126,7 +153,7 @@ class ImportanceCallback(TrainerCallback):
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         buffers, importance = self._gather(state)
         if state.is_world_process_zero:
-            meta = {"mode": self.acc.mode, "n_batches": self.acc.n_batches,
+            meta = {"criterion": self.acc.criterion, "n_batches": self.acc.n_batches,
                     "n_skipped": self.acc.n_skipped, "global_step": state.global_step}
             save_artefact(folder / STATE_NAME, buffers, STATE_KIND, meta)
             importance.save(folder / ARTEFACT_NAME)
@@ -144,14 +171,17 @@ class ImportanceCallback(TrainerCallback):
         scores = {n: b.float().abs() for n, b in buffers.items()}
         cfg = self.config
         importance = Importance(
-            scores=scores, mode=cfg.mode, model=self._fingerprint, languages=self.languages,
+            scores=scores, criterion=self.criterion, model=self._fingerprint,
+            languages=self.languages,
             n_tokens=int(getattr(state, "num_input_tokens_seen", 0) or 0),
             n_skipped=self.acc.n_skipped,
             sources=[{"source": "trainer", "optimizer_steps": self.acc.n_batches,
                       "global_step": state.global_step}],
             extra={"include": list(cfg.include) if cfg.include else "blocks-2d",
                    "include_norms": cfg.include_norms, "accumulator_dtype": cfg.dtype,
-                   "gradients": "before_clip" if self.before_clip else "after_clip"},
+                   "batch_size": self._batch_size,
+                   "gradients": "before_clip" if self.before_clip else "after_clip",
+                   **self._layouts},
         )
         return buffers, importance
 
@@ -170,6 +200,7 @@ class ImportanceCallback(TrainerCallback):
         if missing:
             raise RegionsError(f"'{path}' lacks buffers for {missing[:3]}")
         self.acc.load_state_dict({
-            "mode": doc["mode"], "n_batches": doc["n_batches"], "n_skipped": doc["n_skipped"],
+            "criterion": doc.get("criterion", doc.get("mode")), "n_batches": doc["n_batches"],
+            "n_skipped": doc["n_skipped"],
             "buffers": {n: local_slice(tensors[n], p) for n, p in self.params.items()},
         })

@@ -78,12 +78,45 @@ class ImportanceArgs:
             raise RegionsError("--combine writes the sum to --out: give a name without '{lang}'")
 
 
-def per_language_path(out: Path, lang: str, several: bool) -> Path:
-    """``{lang}`` in the name is replaced; with several languages and no placeholder the
-    language goes before the suffix (``imp.safetensors`` -> ``imp.ar.safetensors``)."""
-    if "{lang}" in str(out):
-        return Path(str(out).replace("{lang}", lang))
-    return out.with_name(f"{out.stem}.{lang}{out.suffix}") if several else out
+def per_language_path(out: Path, lang: str | None, several: bool, variant: str = "") -> Path:
+    """Where one output goes: ``{lang}`` in the name is replaced; with several languages and no
+    placeholder the language goes before the suffix (``imp.safetensors`` ->
+    ``imp.ar.safetensors``); ``variant`` (a criterion, ``n1000`` for a snapshot) follows it
+    (``imp.ar.fisher.n1000.safetensors``). ``lang=None``: the sum over languages."""
+    if lang is not None and "{lang}" in str(out):
+        out = Path(str(out).replace("{lang}", lang))
+    elif lang is not None and several:
+        out = out.with_name(f"{out.stem}.{lang}{out.suffix}")
+    return out.with_name(f"{out.stem}.{variant}{out.suffix}") if variant else out
+
+
+def variants(config: ImportanceConfig) -> list[tuple[str, int | None, str]]:
+    """``(criterion, snapshot, name suffix)`` of every artefact one language's pass writes:
+    the criterion in the name only when there are several, ``n<count>`` for a snapshot."""
+    several = len(config.criteria) > 1
+    out = []
+    for snap in (*config.snapshots, None):
+        for c in config.criteria:
+            parts = ([c] if several else []) + ([f"n{snap}"] if snap is not None else [])
+            out.append((c, snap, ".".join(parts)))
+    return out
+
+
+def importance_outputs(s: dict[str, Any]) -> tuple[dict[str, dict[tuple, Path]],
+                                                    dict[tuple, Path]]:
+    """``({lang: {(criterion, snapshot): path}}, {(criterion, snapshot): path of the sum})``;
+    per-language files are written unless one language is given with --combine."""
+    corpus: CorpusConfig = s["corpus"]
+    args: ImportanceArgs = s["args"]
+    out = Path(args.out)
+    several = len(corpus.langs) > 1
+    keep_langs = several or not args.combine
+    per_lang = {lang: {(c, n): per_language_path(out, lang, several, v)
+                       for c, n, v in variants(s["importance"])}
+                for lang in corpus.langs} if keep_langs else {}
+    sums = ({(c, n): per_language_path(out, None, several, v)
+             for c, n, v in variants(s["importance"])} if args.combine else {})
+    return per_lang, sums
 
 
 def run_importance(s: dict[str, Any]) -> int:
@@ -91,50 +124,51 @@ def run_importance(s: dict[str, Any]) -> int:
 
     from lmeval_regions.artefacts import read_metadata
     from lmeval_regions.corpora import fingerprint
-    from lmeval_regions.importance import Importance, combine, compute_importance
+    from lmeval_regions.importance import Importance, combine, iter_importances
     from lmeval_regions.models import load_model
 
     corpus: CorpusConfig = s["corpus"]
-    args: ImportanceArgs = s["args"]
     corpus.check()  # a bad corpus fails before the (slow) model load
     if corpus.tokens is None and corpus.samples is None and not corpus.pack:
         corpus.load()  # units mode: every language has its units
-    out = Path(args.out)
-    several = len(corpus.langs) > 1
+    per_lang, sums = importance_outputs(s)
     sources = corpus.sources()
     model = tok = None
-    parts = []
+    parts: dict[tuple, list[Importance]] = {}
     for lang in corpus.langs:
-        target = per_language_path(out, lang, several) if several or not args.combine else None
-        # what this language's scores depend on: a file made from the same is reused
+        targets = per_lang.get(lang, {})
+        # what this language's scores depend on: files made from the same are reused
         key = {"model": asdict(s["model"]), "importance": asdict(s["importance"]),
                "corpus": {**asdict(corpus), "langs": [lang]},
                "source": fingerprint(sources.get(lang) or sources[None])}
-        if target is not None and target.exists():
-            if read_metadata(target, "importance").get("run") == key:
-                print(f"[importance] {lang}: reused {target}", flush=True)
-                parts.append(Importance.load(target))
-                continue
-            if not s["run"].overwrite:
-                raise RegionsError(f"'{target}' exists but was made from other inputs; pass "
-                                   "--overwrite to recompute it, or give another --out")
+        existing = [p for p in targets.values() if p.exists()]
+        if targets and len(existing) == len(targets) and all(
+                read_metadata(p, "importance").get("run") == key for p in existing):
+            print(f"[importance] {lang}: reused {', '.join(map(str, existing))}", flush=True)
+            for v, p in targets.items():
+                parts.setdefault(v, []).append(Importance.load(p))
+            continue
+        if existing and not s["run"].overwrite:
+            raise RegionsError(f"'{existing[0]}' exists but was made from other inputs; pass "
+                               "--overwrite to recompute it, or give another --out")
         if model is None:
             model, tok = load_model(s["model"])
         stream = corpus.streams(tok)[lang]
         print(f"[importance] {lang}: {stream.provenance['amount']} from "
               f"{stream.provenance['source']}", flush=True)
-        imp = compute_importance(model, stream, s["importance"], languages=[lang],
-                                 sources=[stream.provenance])
-        imp.extra["run"] = key
-        if target is not None:
-            imp.save(target)
-            print(f"wrote {target} ({imp.n_sequences} sequences, {imp.n_tokens} tokens, "
-                  f"{imp.n_skipped} skipped)")
-        parts.append(imp)
-    if args.combine:
-        total = combine(parts)
-        total.save(out)
-        print(f"wrote {out} (sum over {','.join(corpus.langs)}: {total.n_sequences} "
+        for imp in iter_importances(model, stream, s["importance"], languages=[lang],
+                                    sources=[stream.provenance]):
+            imp.extra["run"] = key
+            variant = (imp.criterion, imp.snapshot)
+            if variant in targets:
+                imp.save(targets[variant])
+                print(f"wrote {targets[variant]} ({imp.n_sequences} sequences, {imp.n_tokens} "
+                      f"tokens, {imp.n_skipped} skipped)")
+            parts.setdefault(variant, []).append(imp)
+    for variant, path in sums.items():
+        total = combine(parts[variant])
+        total.save(path)
+        print(f"wrote {path} (sum over {','.join(corpus.langs)}: {total.n_sequences} "
               f"sequences, {total.n_tokens} tokens)")
     return 0
 
@@ -453,14 +487,9 @@ def _apply_files(s: dict[str, Any]) -> Files:
 
 
 def _importance_files(s: dict[str, Any]) -> Files:
-    corpus: CorpusConfig = s["corpus"]
-    args: ImportanceArgs = s["args"]
-    out = Path(args.out)
-    several = len(corpus.langs) > 1
-    per_lang = ([str(per_language_path(out, lang, several)) for lang in corpus.langs]
-                if several or not args.combine else [])
-    return Files(outputs=[*per_lang, *([args.out] if args.combine else [])],
-                 resumable=per_lang)
+    per_lang, sums = importance_outputs(s)
+    resumable = [str(p) for targets in per_lang.values() for p in targets.values()]
+    return Files(outputs=[*resumable, *map(str, sums.values())], resumable=resumable)
 
 
 def _monolingual_files(s: dict[str, Any]) -> Files:
@@ -486,7 +515,9 @@ COMMANDS = [
             "  lmeval-regions importance --langs paper1 --units 25 --out imp.safetensors \\\n"
             "      --combine      # imp.ar.safetensors ... + imp.safetensors (the sum)\n"
             "  lmeval-regions importance --langs ar,es --out 'imp_{lang}.safetensors' \\\n"
-            "      --device cuda --dtype bfloat16",
+            "      --device cuda --dtype bfloat16\n"
+            "  lmeval-regions importance --criteria sum_abs,fisher,wanda --snapshots 10,20 \\\n"
+            "      --out imp.safetensors --combine   # imp.ar.fisher.n10.safetensors ...",
             [MODEL, CORPUS, ("importance", ImportanceConfig), ("args", ImportanceArgs)],
             run_importance, lambda s: config_beside(s["args"].out), _importance_files),
     Command("combine", "sum importance files (e.g. per-language into the core score)",
