@@ -8,22 +8,35 @@ every error names the text and the expected form.
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, Callable, Iterable
 
 from .errors import RegionsError
 
-T = TypeVar("T")
+def split_top_level(text: str, sep: str = ",") -> list[str]:
+    """``text`` split at ``sep`` outside brackets: ``"a=w[:, 5],b"`` -> ``["a=w[:, 5]", "b"]``
+    (entry specs and JSON values keep their commas)."""
+    out, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch in "[({":
+            depth += 1
+        elif ch in "])}":
+            depth = max(0, depth - 1)
+        elif ch == sep and depth == 0:
+            out.append(text[start:i])
+            start = i + 1
+    out.append(text[start:])
+    return out
 
 
-def csv_list(text: "str | Iterable[Any] | None", convert: Callable[[str], T] = str,  # type: ignore[assignment]
-             what: str = "list") -> list[T]:
+def csv_list(text: "str | Iterable[Any] | None", convert: Callable[[str], Any] = str,
+             what: str = "list") -> list[Any]:
     """``"a, b,,c"`` -> ``["a", "b", "c"]`` (items stripped, empties dropped), each passed through
     ``convert``; a list or tuple (from a YAML config) is converted item by item; None -> ``[]``."""
     if text is None:
         return []
     items = [str(t).strip() for t in text] if not isinstance(text, str) else \
-        [t.strip() for t in text.split(",")]
-    out = []
+        [t.strip() for t in split_top_level(text)]
+    out: list[Any] = []
     for item in items:
         if not item:
             continue
@@ -50,9 +63,9 @@ def pairs(text: "str | Iterable[str] | None", what: str = "list", form: str = "K
           example: str = "ar=imp.ar.safetensors") -> list[tuple[str, str]]:
     """``"a=x,b=y"`` -> ``[("a", "x"), ("b", "y")]`` in order (keys may repeat); ``form``
     names the expected shape in the error (e.g. ``LANG=FILE``)."""
-    out = []
+    out: list[tuple[str, str]] = []
     for item in csv_list(text, what=what):
-        key, sep, value = item.partition("=")
+        key, sep, value = str(item).partition("=")
         if not sep or not key.strip() or not value.strip():
             raise RegionsError(f"{what} item '{item}' is not {form} (e.g. {example})")
         out.append((key.strip(), value.strip()))

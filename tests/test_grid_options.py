@@ -88,6 +88,15 @@ def test_grid_equals_plain_lm_eval_with_metadata_and_fewshot(tiny_lm_dir, data, 
     assert table.cells["text_ppl"]["Base"] == cli["Base"]["results"]["text_ppl"][tp]
     assert json.loads((tmp_path / "grid" / "table.json").read_text())["meta"]["options"][
         "num_fewshot"] == 1
+    # the same grid from the command line: `lmeval-regions table --metadata JSON --num-fewshot 1`
+    from lmeval_regions.cli import main
+
+    assert main(["table", "--model", str(tiny_lm_dir), "--device", "cpu", "--tasks",
+                 "text_ppl,mmlu_local", "--regions", f"Zero={SPEC}", "--metadata",
+                 json.dumps(data), "--num-fewshot", "1", "--metric", "token_perplexity",
+                 "--out", str(tmp_path / "cmd"), "--quiet"]) == 0
+    cells = json.loads((tmp_path / "cmd" / "table.json").read_text())["cells"]["text_ppl"]
+    assert cells == {label: cli[label]["results"]["text_ppl"][tp] for label in ("Base", "Zero")}
 
 
 def test_text_ppl_without_path_names_the_real_flag():

@@ -80,7 +80,7 @@ class LazyScores(Mapping[str, torch.Tensor]):
         try:
             with open(self.path, "rb") as f:
                 f.seek(self._data_start + start)
-                view, got = memoryview(buf) if buf is not None else memoryview(b""), 0
+                view, got = buf.data if buf is not None else memoryview(b""), 0
                 while got < len(view):
                     n = f.readinto(view[got:])
                     if not n:
@@ -156,7 +156,7 @@ def write_safetensors(
                 if piece.dtype != dtype:
                     raise RegionsError(f"tensor '{name}': produced {piece.dtype}, layout says {dtype}")
                 buf = piece.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-                f.write(memoryview(buf))
+                f.write(buf.data)
                 got += buf.nbytes
             if got != want:
                 raise RegionsError(f"tensor '{name}': produced {got} bytes for shape {shape}, "

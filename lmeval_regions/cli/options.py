@@ -141,12 +141,11 @@ def _show(value: Any) -> str:
     return str(value)
 
 
-def convert(f: dataclasses.Field, value: Any, source: str) -> Any:
+def convert(f: dataclasses.Field, value: Any, what: str) -> Any:
     """A value from the command line or a config file, as the field's type."""
     info = _type_info(f.type)
     if value is None:
         return None
-    what = f"{source} {f.name}"
     if info["kind"] == "bool":
         if isinstance(value, bool):
             return value
@@ -248,7 +247,8 @@ def build_sections(sections: list[Section], ns: argparse.Namespace,
         if bad:
             raise RegionsError(f"{source or 'config'}: section '{name}' has unknown field(s) "
                                f"{bad}." + did_you_mean(bad[0], fields))
-        kwargs = {k: convert(fields[k], v, f"{source or 'config'} {name}:") for k, v in values.items()}
+        kwargs = {k: convert(fields[k], v, f"{source or 'config'} {name}.{k}")
+                  for k, v in values.items()}
         for fname, f in fields.items():
             key = f"{name}.{fname}"
             if key in given:

@@ -111,7 +111,7 @@ class CorpusConfig:
                                    "several languages; with LANG=SOURCE pairs every row of a "
                                    "source is its language")
             if self.langs == PAPER1_TRAIN_LANGS and set(srcs) != set(PAPER1_TRAIN_LANGS):
-                self.langs = tuple(srcs)  # the default follows the pairs
+                self.langs = tuple(l for l in srcs if l is not None)  # the default follows
             missing = [l for l in self.langs if l not in srcs]
             if missing:
                 raise RegionsError(f"--langs {','.join(missing)} has no source in --texts "
@@ -147,10 +147,11 @@ class CorpusConfig:
 
     def path(self) -> Path:
         """The corpus file (the UDHR found by name when --texts is not given)."""
-        srcs = self.sources()
-        if None not in srcs or srcs[None].path is None or not srcs[None].path.is_file():
+        src = self.sources().get(None)
+        path = src.path if src is not None else None
+        if path is None or not path.is_file():
             raise RegionsError(f"--texts '{self.texts}' is not one file")
-        return srcs[None].path
+        return path
 
     def check(self) -> None:
         """Open every source and check its columns and language column (first rows only), so
@@ -229,8 +230,9 @@ class CorpusConfig:
     def amount(self) -> dict[str, int]:
         """How much of each language is used: ``{"units": n}``, ``{"tokens": n}`` or
         ``{"samples": n}``."""
-        if self.tokens is not None:
-            return {"tokens": self.token_budget}
+        budget = self.token_budget
+        if budget is not None:
+            return {"tokens": budget}
         if self.samples is not None:
             return {"samples": self.samples}
         return {"units": self.units}

@@ -112,7 +112,9 @@ def load_model(config: ModelConfig | str = DEFAULT_MODEL, **overrides: Any):
                                                      device_map=config.device_map, **kw)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, config.dtype),
-                                                     **kw).to(config.resolved_device())
+                                                     **kw)
+        # in place; transformers' decorated .to() confuses type checkers
+        model.to(config.resolved_device())  # type: ignore[arg-type]
     model.eval()
     return model, tok
 

@@ -8,10 +8,10 @@ from typing import Any
 
 from lmeval_regions.cli.main import Command, Files
 from lmeval_regions.cli.options import config_inside
-from lmeval_regions.errors import RegionsError
+from lmeval_regions.errors import RegionsError, did_you_mean
 from lmeval_regions.eval.grid import LmEvalConfig
 from lmeval_regions.models import ModelConfig
-from lmeval_regions.regions import SelectionConfig
+from lmeval_regions.regions import METHODS, SelectionConfig, check_ratio
 
 
 @dataclass
@@ -24,7 +24,7 @@ class TableArgs:
     importance: str | None = None
     """Importance artefact to select the method x ratio regions from."""
     methods: tuple[str, ...] = ("top", "bottom", "random")
-    """Selection methods of the columns (top, bottom, middle, random)."""
+    """Selection methods of the columns made from --importance (top, bottom, middle, random)."""
     ratios: tuple[float, ...] = (0.01, 0.03)
     """Region sizes of the columns (per --scope unit)."""
     intervention: str = "zero"
@@ -41,6 +41,15 @@ class TableArgs:
 
         if not self.tasks:
             raise RegionsError("--tasks names no task (e.g. --tasks udhr_ppl)")
+        for m in self.methods:
+            if m not in METHODS:
+                raise RegionsError(f"--methods: '{m}' is not one of {METHODS}."
+                                   + did_you_mean(m, METHODS))
+        for r in self.ratios:
+            check_ratio(r)
+        if not self.importance and not self.regions and not self.base:
+            raise RegionsError("nothing to evaluate: give --importance (method x ratio columns), "
+                               "--regions LABEL=REGION, or keep the Base column")
         pairs(self.regions, what="--regions", form="LABEL=REGION",
               example="mine=region.safetensors")
 
@@ -53,7 +62,9 @@ def run_table(s: dict[str, Any]) -> int:
     lm: LmEvalConfig = s["lm_eval"]
     model: ModelConfig = s["model"]
     sel: SelectionConfig = s["selection"]
-    conditions = grid_conditions(list(args.methods), list(args.ratios), base=args.base,
+    # method x ratio columns are selected from --importance; without it only --regions run
+    methods = list(args.methods) if args.importance else []
+    conditions = grid_conditions(methods, list(args.ratios), base=args.base,
                                  intervention=args.intervention)
     for label, target in pairs(args.regions, what="--regions", form="LABEL=REGION"):
         conditions.append(Condition(label, region=target, intervention=args.intervention))
