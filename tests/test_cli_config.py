@@ -193,3 +193,24 @@ def test_importance_criteria_and_snapshots_in_one_run(tiny_lm_dir, texts, tmp_pa
         for d in ("one", "two"):
             for p in (tmp_path / d).iterdir():
                 p.unlink()
+
+
+def test_importance_resumes_languages_made_from_the_same_inputs(tiny_lm_dir, texts, tmp_path,
+                                                               capsys):
+    """A re-run reuses every language file made from the same inputs (nothing recomputed, the
+    files untouched); a changed input is refused unless --overwrite."""
+    out = tmp_path / "imp.safetensors"
+    argv = ["importance", "--model", str(tiny_lm_dir), "--device", "cpu", "--texts", texts,
+            "--langs", "en,fr", "--units", "2", "--max-length", "16", "--out", str(out),
+            "--quiet"]
+    assert main(argv) == 0
+    files = {p: p.read_bytes() for p in tmp_path.glob("imp.*.safetensors")}
+    assert len(files) == 2
+    capsys.readouterr()
+    assert main(argv) == 0
+    log = capsys.readouterr().out
+    assert log.count("reused") == 2 and "wrote" not in log.replace("config:", "")
+    assert all(p.read_bytes() == b for p, b in files.items())
+    assert main(argv[:-3] + ["--max-length", "20", "--out", str(out), "--quiet"]) == 2
+    assert "made from other inputs" in capsys.readouterr().err
+    assert all(p.read_bytes() == b for p, b in files.items())

@@ -135,8 +135,10 @@ def _importance_step(corpus: CorpusConfig, config: ImportanceConfig, model, tok,
     paths: dict[str, Path] = {}
     for lang in corpus.langs:
         path = folder / f"{lang}.safetensors"
-        want = {"units": units, "max_length": corpus.max_length, "batch_size": corpus.batch_size,
-                "source": digest, "importance": asdict(config)}
+        # as stored in (and read back from) the JSON metadata: tuples become lists
+        want = json.loads(json.dumps({"units": units, "max_length": corpus.max_length,
+                                      "batch_size": corpus.batch_size, "source": digest,
+                                      "importance": asdict(config)}))
         if path.exists():
             meta = read_metadata(path, "importance")
             if meta.get("demo") == want:

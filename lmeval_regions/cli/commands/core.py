@@ -138,9 +138,11 @@ def run_importance(s: dict[str, Any]) -> int:
     for lang in corpus.langs:
         targets = per_lang.get(lang, {})
         # what this language's scores depend on: files made from the same are reused
-        key = {"model": asdict(s["model"]), "importance": asdict(s["importance"]),
-               "corpus": {**asdict(corpus), "langs": [lang]},
-               "source": fingerprint(sources.get(lang) or sources[None])}
+        # as stored in (and read back from) the JSON metadata: tuples become lists
+        key = json.loads(json.dumps({
+            "model": asdict(s["model"]), "importance": asdict(s["importance"]),
+            "corpus": {**asdict(corpus), "langs": [lang]},
+            "source": fingerprint(sources.get(lang) or sources[None])}, default=str))
         existing = [p for p in targets.values() if p.exists()]
         if targets and len(existing) == len(targets) and all(
                 read_metadata(p, "importance").get("run") == key for p in existing):
