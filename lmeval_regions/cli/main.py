@@ -130,8 +130,10 @@ def run_command(cmd: Command, ns: argparse.Namespace) -> int:
     files = cmd.files(sections) if cmd.files else Files()
     target = cmd.output(sections) if cmd.output else None
     outputs = [*files.outputs, *([str(target)] if target is not None else [])]
-    check_files(files, outputs, run.overwrite)
+    # Lock first, then check: a writer that finished between our check and our lock would
+    # otherwise be overwritten without --overwrite.
     with locked([*outputs, *files.folders]):
+        check_files(files, outputs, run.overwrite)
         sections["run"] = run
         code = cmd.run(sections)
         del sections["run"]
@@ -152,12 +154,13 @@ def check_files(files: Files, outputs: list[str], overwrite: bool) -> None:
         if not Path(p).is_file():
             raise RegionsError(f"input '{p}' does not exist (or is not a file)")
         inputs[_identity(p)] = p
-    for check in files.checks:
-        check()
     for p in [*outputs, *files.folders]:
         if _identity(p) in inputs:
-            raise RegionsError(f"output '{p}' is also an input of this command ('{inputs[_identity(p)]}'"
-                               "); writing it would destroy the input: give another output path")
+            raise RegionsError(f"output '{p}' is also an input of this command "
+                               f"('{inputs[_identity(p)]}'); writing it would destroy the input: "
+                               "give another output path")
+    for check in files.checks:
+        check()
     for p in outputs:
         if Path(p).is_dir():
             raise RegionsError(f"output '{p}' is a folder; expected the path of a file")
@@ -250,8 +253,12 @@ def one_line(e: BaseException) -> str:
     else:
         text = str(e)
     text = " ".join(text.split())
-    return text if len(text) <= MAX_MESSAGE else text[:MAX_MESSAGE] + \
-        f" ... ({len(text) - MAX_MESSAGE} more characters; --debug shows everything)"
+    if len(text) <= MAX_MESSAGE:
+        return text
+    # keep both ends: the file is named first, what was expected usually last
+    head, tail = text[:MAX_MESSAGE // 2], text[-MAX_MESSAGE // 3:]
+    return (f"{head} ... [{len(text) - len(head) - len(tail)} characters cut; --debug shows "
+            f"everything] ... {tail}")
 
 
 if __name__ == "__main__":

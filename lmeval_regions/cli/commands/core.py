@@ -157,6 +157,7 @@ def run_importance(s: dict[str, Any]) -> int:
         key = {"model": asdict(s["model"]), "importance": asdict(s["importance"]),
                "corpus": {**asdict(corpus), "langs": [lang]},
                "source": fingerprint(sources.get(lang) or sources[None])}
+        key = json.loads(json.dumps(key))  # as the metadata reads back (tuples are lists)
         existing = [p for p in targets.values() if p.exists()]
         if targets and len(existing) == len(targets) and all(
                 read_metadata(p, "importance").get("run") == key for p in existing):
@@ -174,7 +175,7 @@ def run_importance(s: dict[str, Any]) -> int:
         print(f"[importance] {lang}: {stream.provenance['amount']} from "
               f"{stream.provenance['source']}", flush=True)
         for imp in iter_importances(model, stream, s["importance"], languages=[lang],
-                                    sources=[stream.provenance]):
+                                    sources=[stream.provenance], progress=not s["run"].quiet):
             imp.extra["run"] = key
             imp.extra["model_name"] = s["model"].model
             variant = (imp.criterion, imp.snapshot)
@@ -184,6 +185,7 @@ def run_importance(s: dict[str, Any]) -> int:
                       f"tokens, {imp.n_skipped} skipped)")
             if variant in running:
                 running[variant].add(imp, lang)
+        imp = None  # the loop variable would keep this language's scores alive through the next
     for variant, path in sums.items():
         total = running[variant].result()
         total.save(path)
