@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from lmeval_regions.artefacts import locked
+from lmeval_regions.artefacts import locked, umask_permissions
 from lmeval_regions.cache import cache_dir
 from lmeval_regions.errors import RegionsError
 
@@ -120,12 +120,9 @@ def resolve_pretrained(name: str, progress: bool = True) -> str:
         with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{name}.") as tmp:
             out = Path(tmp) / "model"
             (spec.convert or convert_gguf)(spec, out)
-            # TemporaryDirectory's folders are private (0700): give the copy the permissions
-            # a plain mkdir would, so the group can read a shared cache
-            umask = os.umask(0)
-            os.umask(umask)
-            for folder in [out, *(d for d in out.rglob("*") if d.is_dir())]:
-                folder.chmod(0o777 & ~umask)
+            # temporary files and folders are private (0600/0700): give the copy the
+            # permissions a plain mkdir/open would, so the group can read a shared cache
+            umask_permissions(out)
             if target.exists():  # a stale folder without config.json (an old crash)
                 shutil.rmtree(target)
             os.replace(out, target)

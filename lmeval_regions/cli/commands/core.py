@@ -496,13 +496,13 @@ def _save_model_atomic(model, tok, target: Path) -> None:
     import os
     import tempfile
 
+    from lmeval_regions.artefacts import umask_permissions
+
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.") as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        umask = os.umask(0)  # the temporary folder is private (0700): as a plain mkdir would be
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
+        umask_permissions(tmp)  # private (0700/0600) as made: as a plain mkdir/open would be
         if target.exists():
             target.rmdir()  # empty (checked before the run)
         os.replace(tmp, target)
