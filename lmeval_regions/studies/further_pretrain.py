@@ -232,8 +232,8 @@ def plot(result: dict, path: Path) -> None:
                     marker="o", label=run["paper_label"] or run["mode"])
         ax.set_title(f"{lang}{' (target)' if lang == result['config']['recipe']['lang'] else ''}")
         ax.set_xlabel("step")
+        ax.set_ylabel("perplexity (held-out, log scale)")
         ax.set_yscale("log")
-    axes[0][0].set_ylabel("perplexity (held-out, log scale)")
     axes[0][0].legend(fontsize=7)
     rec = result["config"]["recipe"]
     title(fig, f"Further pre-training on {rec['lang']}: held-out perplexity per step",
