@@ -253,6 +253,11 @@ class ExtractArgs:
     """With several --importance files: allow files that hold the same language (summed on
     purpose); by default a language in two files is refused, as it would count twice."""
 
+    def __post_init__(self) -> None:
+        from lmeval_regions.regions import check_ratio
+
+        check_ratio(self.ratio)  # a bad --ratio fails before any file is read
+
 
 def _load_importance(files: tuple[str, ...]):
     """One importance file, or several summed (paper 1's core score), one file at a time."""
@@ -430,6 +435,9 @@ class MonolingualArgs:
         return out
 
     def __post_init__(self) -> None:
+        from lmeval_regions.regions import check_ratio
+
+        check_ratio(self.ratio)
         langs = self.files()
         if len(langs) < 2:
             raise RegionsError(f"monolingual regions need at least two languages, got "
