@@ -507,3 +507,23 @@ def test_importance_combine_keeps_no_language_scores(work, tiny_lm_dir, tmp_path
     for n in got.scores:
         assert torch.equal(got.scores[n], parts[0].scores[n] + parts[1].scores[n]
                            + parts[2].scores[n])
+
+
+# ---- 9. long steps show progress ---------------------------------------------------------------
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_extract_and_monolingual_show_progress(work, unchanged, tmp_path, capsys, monkeypatch,
+                                               quiet):
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    extra = ["--quiet"] if quiet else []
+    rc, out, err = run(capsys, "extract", "--importance", work / "imp.safetensors", "--out",
+                       tmp_path / "t.safetensors", *extra)
+    assert rc == 0 and f"[load] {work / 'imp.safetensors'}" in out
+    assert ("[extract] top" in err) == (not quiet), err
+    rc, out, err = run(capsys, "monolingual", "--importance",
+                       f"en={work / 'imp.en.safetensors'},fr={work / 'imp.fr.safetensors'}",
+                       "--out-dir", tmp_path / "mono", *extra)
+    assert rc == 0
+    for bar in ("[monolingual] en top (1/2)", "[monolingual] fr bottom (2/2)"):
+        assert (bar in err) == (not quiet), err
+    os.environ.pop("TQDM_DISABLE", None)  # main() sets it for --quiet

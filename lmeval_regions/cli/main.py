@@ -221,12 +221,12 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in args
     name = "lmeval-regions"
+    if "--quiet" in args:  # before any import of tqdm: it reads TQDM_* when it is imported
+        os.environ["TQDM_DISABLE"] = "1"
     try:  # also around the parser: building it imports every command's modules (seconds)
         ns = build_parser().parse_args(args)
         cmd: Command = ns._command
         name = f"lmeval-regions {cmd.name}"
-        if getattr(ns, "quiet", False):
-            os.environ["TQDM_DISABLE"] = "1"  # tqdm >= 4.66 reads it for every bar
         return run_command(cmd, ns)
     except KeyboardInterrupt:
         if debug:

@@ -277,10 +277,14 @@ class ProgressScores(Mapping):
     global selection reads each tensor 2-3 times: the bar then counts reads)."""
 
     def __init__(self, scores: Mapping, desc: str) -> None:
+        import os
+
         from tqdm.auto import tqdm
 
         self.scores = scores
-        self.bar = tqdm(total=len(scores), desc=desc, unit="tensor", leave=False)
+        quiet = os.environ.get("TQDM_DISABLE", "") not in ("", "0")  # --quiet
+        self.bar = tqdm(total=len(scores), desc=desc, unit="tensor", leave=False,
+                        disable=quiet)
 
     def __getitem__(self, name):
         out = self.scores[name]
