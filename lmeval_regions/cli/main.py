@@ -8,9 +8,17 @@ defaults. ``--config FILE`` re-runs from a saved config; after a successful run 
 are written next to the command's output (``<out>.config.yaml`` beside a file,
 ``<folder>/config.yaml`` in a folder), so any result can be repeated from its folder.
 
+Before a command runs (:func:`check_files`), under the locks of all its outputs (a second
+process writing one of them fails at once, naming it): inputs exist; no output is an input
+(by any spelling or hard link), even with ``--overwrite``; an existing output is refused unless
+``--overwrite`` (or the command resumes it); output folders are created and probed by writing
+a file; the command's own input checks run (e.g. no importance file or language summed twice);
+artefact inputs fit one model and the model's config (meta device, no weights).
+
 Errors: bad input (:class:`~lmeval_regions.errors.RegionsError`, or an ``OSError`` on a path
-the user gave) prints one line and exits 2; Ctrl-C prints one line and exits 130; ``--debug``
-shows the traceback instead.
+the user gave) prints one line of at most ~600 characters and exits 2; Ctrl-C prints one line
+and exits 130 (also while the parser imports the commands); ``--debug`` shows the traceback
+instead.
 """
 
 from __future__ import annotations
