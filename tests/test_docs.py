@@ -401,3 +401,21 @@ def test_word_perplexity_tables_say_why_zh_is_huge():
     assert "without spaces" in md and "zh" in md and "token_perplexity" in md
     assert "without spaces" not in Table("token_perplexity", ["Base"], ["en"],
                                          {"en": {"Base": 3.0}}).markdown()
+
+
+def test_corpora_snippet_runs(tiny_lm_dir, tmp_path):
+    """docs/corpora.md's streaming importance, with its files and model replaced by small
+    ones and its 2M-token budget by 40 tokens."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    code = _snippet("docs/corpora.md", "cfg.streams(tokenizer)").code
+    for lang, text in (("ar", "كل الناس أحرار ومتساوون في الكرامة والحقوق."),
+                       ("es", "Todos los seres humanos nacen libres e iguales en dignidad.")):
+        (tmp_path / f"{lang}.txt").write_text("\n".join([text] * 20), encoding="utf-8")
+        code = code.replace(f"/data/{lang}.txt", str(tmp_path / f"{lang}.txt"))
+    code = code.replace('tokens="2M"', 'tokens="40"')
+    assert str(tmp_path) in code and 'tokens="40"' in code
+    ns = {"model": AutoModelForCausalLM.from_pretrained(tiny_lm_dir),
+          "tokenizer": AutoTokenizer.from_pretrained(tiny_lm_dir)}
+    exec(compile(code, "docs/corpora.md", "exec"), ns)
+    assert ns["imp"].n_tokens == 40 and ns["imp"].languages == ["es"]
