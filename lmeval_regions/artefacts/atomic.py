@@ -31,18 +31,31 @@ class AtomicPath:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
         os.close(fd)
-        # mkstemp makes the file private (0600); give it the permissions a plain open() would
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
         self.tmp = Path(tmp)
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
+            # mkstemp makes the file private (0600), and some writers (safetensors) replace
+            # the file they are given: set the permissions a plain open() would, at the end
+            umask_permissions(self.tmp)
             os.replace(self.tmp, self.path)
         else:
             self.tmp.unlink(missing_ok=True)
+
+
+def umask_permissions(path: str | os.PathLike) -> None:
+    """Give ``path`` (and, for a folder, everything under it) the permissions a plain
+    ``open()`` / ``mkdir()`` would under the current umask: temporary files and folders
+    (``mkstemp``, ``TemporaryDirectory``) are private, and renaming them keeps that."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path = Path(path)
+    items = [path, *path.rglob("*")] if path.is_dir() else [path]
+    for p in items:
+        if p.is_symlink():
+            continue
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

@@ -140,7 +140,9 @@ def read_metadata(path: str | os.PathLike, kind: str | None = None) -> dict[str,
     except json.JSONDecodeError as e:
         raise ArtefactError(f"'{path}' has corrupt metadata: {e}") from e
     if kind is not None and doc.get("kind") != kind:
-        raise ArtefactError(f"'{path}' holds a '{doc.get('kind')}' artefact, expected '{kind}'")
+        got = str(doc.get("kind"))
+        got = got if len(got) <= 60 else got[:60] + "..."  # a corrupt file: show a little
+        raise ArtefactError(f"'{path}' holds a '{got}' artefact, expected '{kind}'")
     return doc
 
 

@@ -45,13 +45,18 @@ class LazyScores(Mapping[str, torch.Tensor]):
         shapes: ``name -> shape`` (from the header; no tensor is read).
         dtypes: ``name -> torch dtype`` as stored.
         meta: the artefact's JSON metadata (``model`` fingerprint, ``mode``, ...).
+        validate: ``validate(name, tensor)`` called the first time each tensor is read (it
+            raises on bad values, e.g. :func:`importance.check_scores`); None: no check.
 
     Iteration order is the file's key order, the same as :func:`artefacts.load_artefact`'s.
     """
 
-    def __init__(self, path: str | os.PathLike, kind: str | None = "importance"):
+    def __init__(self, path: str | os.PathLike, kind: str | None = "importance",
+                 validate: Callable[[str, torch.Tensor], None] | None = None):
         self.path = Path(path)
         self.meta = read_metadata(self.path, kind)
+        self.validate = validate
+        self._validated: set[str] = set()  # global selection reads a tensor 2-3 times
         try:
             with safe_open(str(self.path), framework="pt") as f:
                 self._names = list(f.keys())
@@ -88,6 +93,9 @@ class LazyScores(Mapping[str, torch.Tensor]):
                     got += n
         except OSError as e:
             raise ArtefactError(f"'{self.path}': tensor '{name}' could not be read: {e}") from e
+        if self.validate is not None and name not in self._validated:
+            self.validate(name, out)
+            self._validated.add(name)
         return out
 
     def __iter__(self) -> Iterator[str]:

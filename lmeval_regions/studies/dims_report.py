@@ -107,6 +107,7 @@ def run_dims_report(model_cfg: ModelConfig, corpus: CorpusConfig, heldout: HeldO
         log(f"importance over {imp.n_sequences} sequences -> {imp_path}")
     region = select_from_importance(imp, "top", cfg.ratio, selection.scope, selection.seed,
                                     selection.fused)
+    region.spec["model_name"] = model_cfg.model  # figure titles name the model
     region.save(out / "region_top.safetensors")
     figs = plot_region_heatmaps(region, mmap, out, max_px=cfg.max_px)
     figs.append(plot_distribution(region, out / "distribution.png"))
@@ -140,7 +141,10 @@ def run_dims_report(model_cfg: ModelConfig, corpus: CorpusConfig, heldout: HeldO
     labels = {d: ("outlier" if d in outl.dims else "top" if d in top_dims else "random")
               for d in cand}
     sweep = dimension_sweep(model, cand, evaluate, "reinit", mmap=mmap, progress=log)
-    figs.append(plot_sweep(sweep, out / "dim_sweep.png", labels=labels))
+    figs.append(plot_sweep(sweep, out / "dim_sweep.png", labels=labels,
+                           context=f"{model_cfg.model}; perplexity over units "
+                                   f"{eval_span[0]}..{eval_span[1]} of {','.join(langs)}, "
+                                   f"{corpus.max_length} tokens"))
     single_dims = list(dict.fromkeys(outl.dims[:2] + top_dims[:2] + rand_dims))
     single = perturbation_table(model, single_dims, evaluate, layer=cfg.layer, mmap=mmap)
     log("single-parameter table done")

@@ -42,7 +42,7 @@ from lmeval_regions.importance import Importance, combine, compute_importance
 from lmeval_regions.models import ModelConfig, load_model
 from lmeval_regions.perplexity import perplexities
 from lmeval_regions.regions import Region, check_ratio, select_from_importance
-from lmeval_regions.studies.plotting import save_figure, subplots
+from lmeval_regions.studies.plotting import save_figure, subplots, title
 from lmeval_regions.training import FreezeRegionAdapter, FreezeRegionConfig
 
 MODES = ("full", "freeze", "soft", "remove_freeze", "remove_unfreeze", "remove_bottom_freeze")
@@ -221,17 +221,24 @@ def run_mode(mode: str, model, tok, plan: _Plan, paths: dict[str, Path],
 
 
 def plot(result: dict, path: Path) -> None:
+    """Held-out perplexity per checkpoint, one panel per language, one line per mode; the
+    model and the recipe's settings in the title."""
     langs = list(result["runs"][0]["curve"][0]["ppl"])
-    fig, axes = subplots(1, len(langs), figsize=(3.2 * len(langs), 3), squeeze=False)
+    fig, axes = subplots(1, len(langs), figsize=(max(6.0, 3.2 * len(langs)), 3.4),
+                         squeeze=False)
     for ax, lang in zip(axes[0], langs):
         for run in result["runs"]:
             ax.plot([c["step"] for c in run["curve"]], [c["ppl"][lang] for c in run["curve"]],
                     marker="o", label=run["paper_label"] or run["mode"])
         ax.set_title(f"{lang}{' (target)' if lang == result['config']['recipe']['lang'] else ''}")
         ax.set_xlabel("step")
+        ax.set_ylabel("perplexity (held-out, log scale)")
         ax.set_yscale("log")
-    axes[0][0].set_ylabel("perplexity (held-out UDHR)")
-    axes[0][0].legend()
+    axes[0][0].legend(fontsize=7)
+    rec = result["config"]["recipe"]
+    title(fig, f"Further pre-training on {rec['lang']}: held-out perplexity per step",
+          f"{result.get('model', '?')}; core region Top {100 * rec['ratio']:g}% per matrix; "
+          f"{rec['steps']} steps, lr {rec['lr']:g}; modes {', '.join(rec['modes'])}")
     save_figure(fig, path)
 
 
@@ -271,6 +278,8 @@ def run_further_pretrain(cfg: FurtherPretrainConfig, corpus: CorpusConfig | None
     sizes = {band: Region.load(p, model).numel() for band, p in paths.items()}
     result = {"config": {"recipe": asdict(cfg), "corpus": asdict(corpus),
                          "heldout": asdict(heldout)},
+              "model": model_config.model if model_config is not None else
+              getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__,
               "regions": {b: {"path": str(p), "numel": sizes[b]} for b, p in paths.items()},
               "region_seconds": time.time() - t0, "runs": []}
     for mode in cfg.modes:

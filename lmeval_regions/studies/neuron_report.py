@@ -23,7 +23,8 @@ from lmeval_regions.activations import SITE, Activations, capture
 from lmeval_regions.artefacts import write_text_atomic
 from lmeval_regions.models import load_model
 from lmeval_regions.neurons import NeuronSet
-from lmeval_regions.studies.plotting import save_figure, subplots
+from lmeval_regions.studies.plotting import MIN_FONT, save_figure, subplots
+from lmeval_regions.studies.plotting import title as fig_title
 
 
 def analyse(acts: Activations, model: nn.Module, config: N.NeuronAnalysisConfig | None = None
@@ -79,11 +80,13 @@ def _jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # ---- plots ------------------------------------------------------------------------------------
 
-def plot_similarity(sim: torch.Tensor, langs: list[str], path: str | Path, title: str = "") -> None:
-    """Heatmap of a ``(samples, samples)`` similarity map with language blocks outlined."""
+def plot_similarity(sim: torch.Tensor, langs: list[str], path: str | Path, title: str = "",
+                    context: str = "") -> None:
+    """Heatmap of a ``(samples, samples)`` similarity map with language blocks outlined;
+    ``context`` (model and settings) under the title."""
     path = Path(path)
     languages = list(dict.fromkeys(langs))
-    fig, ax = subplots(figsize=(9, 8))
+    fig, ax = subplots(figsize=(9, 8.5))
     im = ax.imshow(sim.numpy(), cmap="viridis", interpolation="nearest")
     fig.colorbar(im, ax=ax, label="cosine similarity")
     edges, centers, start = [], [], 0
@@ -95,39 +98,56 @@ def plot_similarity(sim: torch.Tensor, langs: list[str], path: str | Path, title
     for e in edges[:-1]:
         ax.axhline(e, color="white", lw=0.4)
         ax.axvline(e, color="white", lw=0.4)
-    ax.set_xticks(centers, languages, fontsize=6, rotation=90)
-    ax.set_yticks(centers, languages, fontsize=6)
-    ax.set_title(title or "Neuron activation similarity (samples grouped by language)")
+    ax.set_xticks(centers, languages, fontsize=MIN_FONT, rotation=90)
+    ax.set_yticks(centers, languages, fontsize=MIN_FONT)
+    ax.set_xlabel("sample (grouped by language)")
+    ax.set_ylabel("sample (grouped by language)")
+    fig_title(fig, title or "Neuron activation similarity (samples grouped by language)",
+              context)
     save_figure(fig, path)
 
 
-def plot_layerwise(per_layer: list[dict[str, float]], path: str | Path) -> None:
-    fig, ax = subplots(figsize=(7, 4))
+def plot_layerwise(per_layer: list[dict[str, float]], path: str | Path, context: str = "") -> None:
+    """LRDS and SADS of each layer's similarity map."""
+    fig, ax = subplots(figsize=(7, 4.2))
     xs = [p["layer"] for p in per_layer]
     ax.plot(xs, [p["lrds"] for p in per_layer], "o-", label="LRDS")
     ax.plot(xs, [p["sads"] for p in per_layer], "s-", label="SADS")
     ax.axhline(0, color="grey", lw=0.5)
     ax.set_xlabel("layer")
-    ax.set_ylabel("score")
+    ax.set_ylabel("score (mean cosine difference)")
     ax.legend()
-    ax.set_title("Layer-wise LRDS / SADS")
+    fig_title(fig, "Layer-wise LRDS / SADS", context)
     save_figure(fig, path)
 
 
-def plot_layer_distribution(dist: Mapping[str, list[int]], path: str | Path) -> None:
+def plot_layer_distribution(dist: Mapping[str, list[int]], path: str | Path,
+                            context: str = "") -> None:
     """Key neurons per layer, one row per language (heatmap) plus the total (line)."""
     langs = list(dist)
     mat = torch.tensor([dist[l] for l in langs], dtype=torch.float32)
-    fig, (a1, a2) = subplots(2, 1, figsize=(8, 3 + 0.2 * len(langs)),
-                                 gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
+    fig, (a1, a2) = subplots(2, 1, figsize=(8, 3.5 + 0.2 * len(langs)),
+                             gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
     im = a1.imshow(mat.numpy(), aspect="auto", cmap="Reds", interpolation="nearest")
-    a1.set_yticks(range(len(langs)), langs, fontsize=6)
+    a1.set_yticks(range(len(langs)), langs, fontsize=MIN_FONT)
+    a1.set_ylabel("language")
     fig.colorbar(im, ax=a1, label="key neurons")
     a2.plot(range(mat.shape[1]), mat.sum(0).numpy(), "o-")
     a2.set_xlabel("layer")
     a2.set_ylabel("all languages")
-    a1.set_title("Layer distribution of key neurons")
+    fig_title(fig, "Layer distribution of key neurons", context)
     save_figure(fig, path)
+
+
+def report_context(result: Mapping[str, Any], model: str = "") -> str:
+    """The model and settings of an analysis, for figure titles."""
+    langs = result.get("languages") or []
+    samples = sorted(set((result.get("samples_per_language") or {}).values()))
+    bits = [model] if model else []
+    bits += [f"{len(langs)} languages", f"{'/'.join(map(str, samples))} samples per language",
+             f"{result.get('layers', '?')} layers x {result.get('neurons_per_layer', '?')} "
+             f"neurons", f"key neurons: {_rule(result)}"]
+    return "; ".join(bits)
 
 
 # ---- report -----------------------------------------------------------------------------------
@@ -143,17 +163,20 @@ def _rule(result: Mapping[str, Any]) -> str:
 
 
 def write_report(out: str | Path, result: Mapping[str, Any], acts: Activations | None = None,
-                 table: Mapping[str, Any] | None = None) -> Path:
-    """Write plots (when ``acts`` given), ``neurons.json`` and ``README.md`` into ``out``."""
+                 table: Mapping[str, Any] | None = None, model: str = "") -> Path:
+    """Write plots (when ``acts`` given), ``neurons.json`` and ``README.md`` into ``out``;
+    ``model`` (its name) goes into the figure titles."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     doc = dict(result)
     if table is not None:
         doc["deactivation"] = table
     if acts is not None:
-        plot_similarity(N.similarity(acts), acts.langs, out / "similarity.png")
-        plot_layerwise(result["layerwise"], out / "layerwise.png")
-        plot_layer_distribution(result["key_layer_distribution"], out / "key_layers.png")
+        context = report_context(result, model)
+        plot_similarity(N.similarity(acts), acts.langs, out / "similarity.png", context=context)
+        plot_layerwise(result["layerwise"], out / "layerwise.png", context)
+        plot_layer_distribution(result["key_layer_distribution"], out / "key_layers.png",
+                                context)
     write_text_atomic(out / "neurons.json", json.dumps(doc, indent=1, sort_keys=True))
     md = ["# Neuron analysis (paper 2)", "",
           f"Languages ({len(result['languages'])}): {', '.join(result['languages'])}; "

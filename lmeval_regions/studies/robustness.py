@@ -39,7 +39,7 @@ from lmeval_regions.importance import (CRITERIA, Importance, ImportanceConfig, I
 from lmeval_regions.interventions import Editor
 from lmeval_regions.perplexity import perplexities
 from lmeval_regions.regions import check_ratio, overlap, select, select_from_importance
-from lmeval_regions.studies.plotting import save_figure, subplots
+from lmeval_regions.studies.plotting import save_figure, subplots, title
 
 
 @dataclass
@@ -189,8 +189,17 @@ def _effects(model, tokenizer, heldout, cores, ratio, config) -> dict[str, Any]:
     return {"base": {"ppl": base["ppl"], "ppl_per_lang": base["ppl_per_lang"]}, "rows": rows}
 
 
+def _context(report: dict[str, Any]) -> str:
+    """The model and settings of the report, for figure titles."""
+    cfg = report["config"]
+    return (f"{report['model']}; languages {','.join(report['languages'])}; batch "
+            f"{report['batch_size']} x {report['max_length']} tokens; split-half "
+            f"{cfg['split_half']}; snapshots {list(cfg['snapshots']) or 'none'}")
+
+
 def _plots(report: dict[str, Any], folder: Path) -> list[str]:
     made = []
+    context = _context(report)
     for key, jac in report["jaccard"].items():
         labels = jac["labels"]
         size = 1.2 + 0.45 * len(labels)
@@ -198,8 +207,10 @@ def _plots(report: dict[str, Any], folder: Path) -> list[str]:
         im = ax.imshow(jac["matrix"], vmin=0, vmax=1, cmap="viridis")
         ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)
         ax.set_yticks(range(len(labels)), labels, fontsize=7)
+        ax.set_xlabel("importance variant (criterion/corpus part)")
+        ax.set_ylabel("importance variant")
         fig.colorbar(im, ax=ax, label="Jaccard of Top regions")
-        ax.set_title(f"Top {key} per matrix")
+        title(fig, f"Overlap of Top {key} per matrix regions between variants", context)
         name = f"jaccard_{key}.png"
         save_figure(fig, folder / name, dpi=110)
         made.append(name)
@@ -216,9 +227,11 @@ def _plots(report: dict[str, Any], folder: Path) -> list[str]:
             ax.plot([l for l, _ in layers], [x for _, x in layers], marker="o",
                     ls="--" if halves else "-", label=pair)
         ax.set_xlabel("layer")
-        ax.set_ylabel("Jaccard")
+        ax.set_ylabel("Jaccard of Top regions")
         ax.set_ylim(0, 1.05)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+        title(fig, f"Top {key} per matrix, per layer: split-half agreement (dashed) and each "
+                   f"criterion vs {ref}", context)
         name = f"jaccard_layers_{key}.png"
         save_figure(fig, folder / name, dpi=110)
         made.append(name)
@@ -239,9 +252,10 @@ def _plots(report: dict[str, Any], folder: Path) -> list[str]:
         ax.axhline(0.0, color="grey", lw=0.8)
         ax.set_xticks(list(xs), labels, rotation=90, fontsize=7)
         ax.set_yscale("symlog", linthresh=1e-4)
+        ax.set_xlabel("importance variant")
         ax.set_ylabel("perplexity / base - 1 (dotted: Random)")
         ax.legend(fontsize=7)
-        ax.set_title(f"removing {key} per matrix")
+        title(fig, f"Removing {key} per matrix (zeroed): held-out perplexity change", context)
         name = f"effects_{key}.png"
         save_figure(fig, folder / name, dpi=110)
         made.append(name)

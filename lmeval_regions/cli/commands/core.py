@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -49,6 +50,8 @@ class ModelPathArgs:
 
 
 def run_model_path(s: dict[str, Any]) -> int:
+    import sys
+
     from lmeval_regions.errors import did_you_mean
     from lmeval_regions.models import EMBEDDED, resolve_pretrained
 
@@ -57,8 +60,20 @@ def run_model_path(s: dict[str, Any]) -> int:
     if not Path(path).is_dir():
         raise RegionsError(f"'{name}' is neither an embedded model nor a local folder."
                            + did_you_mean(name, EMBEDDED) + f" Embedded: {sorted(EMBEDDED)}")
+    if name in EMBEDDED:  # what it is on stderr: stdout stays the path, for $(...)
+        print(f"{EMBEDDED[name].describe()}. {EMBEDDED[name].note}.", file=sys.stderr)
     print(path)
     return 0
+
+
+def _embedded_table() -> str:
+    import textwrap
+
+    from lmeval_regions.models import EMBEDDED
+
+    return "\n".join(textwrap.fill(e.describe(), 88, initial_indent="  ",
+                                   subsequent_indent="      ", break_on_hyphens=False)
+                     for e in EMBEDDED.values())
 
 
 # ---- importance ----------------------------------------------------------------------------
@@ -124,7 +139,7 @@ def run_importance(s: dict[str, Any]) -> int:
 
     from lmeval_regions.artefacts import read_metadata
     from lmeval_regions.corpora import fingerprint
-    from lmeval_regions.importance import Importance, combine, iter_importances
+    from lmeval_regions.importance import Importance, ImportanceSum, iter_importances
     from lmeval_regions.models import load_model
 
     corpus: CorpusConfig = s["corpus"]
@@ -134,21 +149,22 @@ def run_importance(s: dict[str, Any]) -> int:
     per_lang, sums = importance_outputs(s)
     sources = corpus.sources()
     model = tok = None
-    parts: dict[tuple, list[Importance]] = {}
+    # One running sum per variant: a language's scores are added and dropped, never all kept.
+    running: dict[tuple, ImportanceSum] = {v: ImportanceSum() for v in sums}
     for lang in corpus.langs:
         targets = per_lang.get(lang, {})
         # what this language's scores depend on: files made from the same are reused
-        # as stored in (and read back from) the JSON metadata: tuples become lists
-        key = json.loads(json.dumps({
-            "model": asdict(s["model"]), "importance": asdict(s["importance"]),
-            "corpus": {**asdict(corpus), "langs": [lang]},
-            "source": fingerprint(sources.get(lang) or sources[None])}, default=str))
+        key = {"model": asdict(s["model"]), "importance": asdict(s["importance"]),
+               "corpus": {**asdict(corpus), "langs": [lang]},
+               "source": fingerprint(sources.get(lang) or sources[None])}
+        key = json.loads(json.dumps(key))  # as the metadata reads back (tuples are lists)
         existing = [p for p in targets.values() if p.exists()]
         if targets and len(existing) == len(targets) and all(
                 read_metadata(p, "importance").get("run") == key for p in existing):
             print(f"[importance] {lang}: reused {', '.join(map(str, existing))}", flush=True)
             for v, p in targets.items():
-                parts.setdefault(v, []).append(Importance.load(p))
+                if v in running:
+                    running[v].add(Importance.load(p), f"'{p}'")
             continue
         if existing and not s["run"].overwrite:
             raise RegionsError(f"'{existing[0]}' exists but was made from other inputs; pass "
@@ -159,16 +175,19 @@ def run_importance(s: dict[str, Any]) -> int:
         print(f"[importance] {lang}: {stream.provenance['amount']} from "
               f"{stream.provenance['source']}", flush=True)
         for imp in iter_importances(model, stream, s["importance"], languages=[lang],
-                                    sources=[stream.provenance]):
+                                    sources=[stream.provenance], progress=not s["run"].quiet):
             imp.extra["run"] = key
+            imp.extra["model_name"] = s["model"].model
             variant = (imp.criterion, imp.snapshot)
             if variant in targets:
                 imp.save(targets[variant])
                 print(f"wrote {targets[variant]} ({imp.n_sequences} sequences, {imp.n_tokens} "
                       f"tokens, {imp.n_skipped} skipped)")
-            parts.setdefault(variant, []).append(imp)
+            if variant in running:
+                running[variant].add(imp, lang)
+        imp = None  # the loop variable would keep this language's scores alive through the next
     for variant, path in sums.items():
-        total = combine(parts[variant])
+        total = running[variant].result()
         total.save(path)
         print(f"wrote {path} (sum over {','.join(corpus.langs)}: {total.n_sequences} "
               f"sequences, {total.n_tokens} tokens)")
@@ -184,22 +203,37 @@ class CombineArgs:
     """Importance .safetensors files of one model and mode."""
     out: str = ""
     """Output .safetensors (the per-entry sum)."""
+    repeat_languages: bool = False
+    """Allow files that hold the same language (several corpora of one language summed on
+    purpose); by default a language in two files is refused, as it would count twice."""
 
     def __post_init__(self) -> None:
         if not self.files:
             raise RegionsError("combine needs at least one importance file")
         if not self.out:
             raise RegionsError("missing required option --out (the output .safetensors)")
+        if not self.out.endswith(".safetensors"):
+            raise RegionsError(f"--out '{self.out}' must end in .safetensors")
 
 
 def run_combine(s: dict[str, Any]) -> int:
-    from lmeval_regions.importance import Importance, combine
+    from lmeval_regions.importance import combine_files
 
     args: CombineArgs = s["args"]
-    total = combine([Importance.load(p) for p in args.files])
-    total.save(args.out)
+    # tensor by tensor: one tensor of each file and one of the sum in memory
+    total = combine_files(args.files, args.out, args.repeat_languages)
     print(f"wrote {args.out} (sum of {len(args.files)} importances: languages {total.languages})")
     return 0
+
+
+def _summed_files(files: tuple[str, ...], repeat_languages: bool) -> Files:
+    """Inputs that are summed: refused at once if a file or (unless allowed) a language is
+    given twice, or if they differ in model, criterion or snapshot."""
+    from lmeval_regions.importance import check_summable
+
+    return Files(inputs=list(files),
+                 checks=[lambda: check_summable(files, repeat_languages)] if len(files) > 1
+                 else [])
 
 
 # ---- extract -------------------------------------------------------------------------------
@@ -215,14 +249,53 @@ class ExtractArgs:
     uniform (seeded), ignoring scores."""
     ratio: float = DEFAULT_RATIO
     """Fraction in (0, 1] of each unit of --scope (paper 1: 1%, 3%, 5% per matrix)."""
+    repeat_languages: bool = False
+    """With several --importance files: allow files that hold the same language (summed on
+    purpose); by default a language in two files is refused, as it would count twice."""
+
+    def __post_init__(self) -> None:
+        from lmeval_regions.regions import check_ratio
+
+        check_ratio(self.ratio)  # a bad --ratio fails before any file is read
 
 
 def _load_importance(files: tuple[str, ...]):
-    """One importance file, or several summed (paper 1's core score)."""
+    """One importance file, or several summed (paper 1's core score), one file at a time."""
     from lmeval_regions.importance import Importance, combine
 
-    parts = [Importance.load(f) for f in files]
-    return parts[0] if len(parts) == 1 else combine(parts)
+    print(f"[load] {', '.join(files)}", flush=True)
+    return combine(Importance.load(f) for f in files)
+
+
+def _with_progress(imp, desc: str):
+    """``imp`` whose scores tick a progress bar as selection reads each tensor."""
+    return replace(imp, scores=ProgressScores(imp.scores, desc))
+
+
+class ProgressScores(Mapping):
+    """A read-only ``name -> tensor`` view that advances a tqdm bar on every tensor read (a
+    global selection reads each tensor 2-3 times: the bar then counts reads)."""
+
+    def __init__(self, scores: Mapping, desc: str) -> None:
+        import os
+
+        from tqdm.auto import tqdm
+
+        self.scores = scores
+        quiet = os.environ.get("TQDM_DISABLE", "") not in ("", "0")  # --quiet
+        self.bar = tqdm(total=len(scores), desc=desc, unit="tensor", leave=False,
+                        disable=quiet)
+
+    def __getitem__(self, name):
+        out = self.scores[name]
+        self.bar.update(1)
+        return out
+
+    def __iter__(self):
+        return iter(self.scores)
+
+    def __len__(self) -> int:
+        return len(self.scores)
 
 
 def run_extract(s: dict[str, Any]) -> int:
@@ -231,9 +304,10 @@ def run_extract(s: dict[str, Any]) -> int:
     args: ExtractArgs = s["args"]
     sel: SelectionConfig = s["selection"]
     imp = _load_importance(args.importance)
-    region = select_from_importance(imp, args.method, args.ratio, sel.scope, sel.seed,
-                                    sel.fused)
+    region = select_from_importance(_with_progress(imp, f"[extract] {args.method}"), args.method,
+                                    args.ratio, sel.scope, sel.seed, sel.fused)
     region.spec["importance_files"] = list(args.importance)
+    region.spec["model_name"] = imp.extra.get("model_name")  # figure titles name the model
     region.save(args.out)
     total = sum(t.numel() for t in imp.scores.values())
     print(f"wrote {args.out}: {args.method} {args.ratio:g} per {sel.scope}, "
@@ -365,6 +439,9 @@ class MonolingualArgs:
         return out
 
     def __post_init__(self) -> None:
+        from lmeval_regions.regions import check_ratio
+
+        check_ratio(self.ratio)
         langs = self.files()
         if len(langs) < 2:
             raise RegionsError(f"monolingual regions need at least two languages, got "
@@ -377,12 +454,15 @@ def run_monolingual(s: dict[str, Any]) -> int:
     args: MonolingualArgs = s["args"]
     sel: SelectionConfig = s["selection"]
     tops, bottoms = {}, {}
-    for lang, paths in args.files().items():
+    langs = args.files()
+    for i, (lang, paths) in enumerate(langs.items()):
         imp = _load_importance(tuple(paths))
-        tops[lang] = select_from_importance(imp, "top", args.ratio, sel.scope, sel.seed,
-                                            sel.fused)
-        bottoms[lang] = select_from_importance(imp, "bottom", args.ratio, sel.scope, sel.seed,
-                                               sel.fused)
+        tops[lang] = select_from_importance(
+            _with_progress(imp, f"[monolingual] {lang} top ({i + 1}/{len(langs)})"), "top",
+            args.ratio, sel.scope, sel.seed, sel.fused)
+        bottoms[lang] = select_from_importance(
+            _with_progress(imp, f"[monolingual] {lang} bottom ({i + 1}/{len(langs)})"), "bottom",
+            args.ratio, sel.scope, sel.seed, sel.fused)
     mono = monolingual(tops, bottoms)
     out_dir = Path(args.out_dir)
     print(f"{'lang':<6} {'top':>10} {'mono top':>10} {'bottom':>10} {'mono bottom':>12}")
@@ -428,10 +508,13 @@ def _save_model_atomic(model, tok, target: Path) -> None:
     import os
     import tempfile
 
+    from lmeval_regions.artefacts import umask_permissions
+
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.") as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        umask_permissions(tmp)  # private (0700/0600) as made: as a plain mkdir/open would be
         if target.exists():
             target.rmdir()  # empty (checked before the run)
         os.replace(tmp, target)
@@ -499,14 +582,33 @@ def _monolingual_files(s: dict[str, Any]) -> Files:
     files = [p for paths in args.files().values() for p in paths]
     langs = list(args.files())
     return Files(inputs=files, outputs=[str(Path(args.out_dir) / f"{l}.{band}.safetensors")
-                                         for l in langs for band in ("top", "bottom")])
+                                         for l in langs for band in ("top", "bottom")],
+                 checks=[lambda: check_language_files(args.files())])
+
+
+def check_language_files(files: dict[str, list[str]]) -> None:
+    """Per-language importance files (LANG -> files summed): no file twice, one model,
+    criterion and snapshot throughout, and each file holding the language it is given for."""
+    from lmeval_regions.artefacts import read_metadata
+    from lmeval_regions.importance import check_summable
+
+    check_summable([p for paths in files.values() for p in paths], repeat_languages=True)
+    for lang, paths in files.items():
+        for p in paths:
+            held = read_metadata(p, "importance").get("languages") or []
+            if held and lang not in held:
+                raise RegionsError(f"--importance {lang}={p}: the file holds the language(s) "
+                                   f"{held}, not '{lang}'")
 
 
 COMMANDS = [
     Command("model-path", "print the local folder of an embedded model (converting it once)",
             "Print the local HF folder of an embedded model, converting its PyPI GGUF once to a\n"
-            "cached safetensors copy ($LMEVAL_REGIONS_CACHE).\n\n"
-            "example: lmeval-regions model-path gemma-3-270m",
+            "cached safetensors copy ($LMEVAL_REGIONS_CACHE); what the model is goes to stderr.\n"
+            "The embedded models are 4-bit quantisations, de-quantised: their weights are not\n"
+            "the released bf16 ones (Gemma's are 4.5% exact zeros, which tie in Bottom regions):\n"
+            + _embedded_table() + "\n\n"
+            "example: lmeval-regions model-path smollm2-135m",
             [("args", ModelPathArgs)], run_model_path),
     Command("importance", "per-parameter importance |θ·∇L| over a multilingual corpus",
             "Accumulate importance of every weight matrix inside the transformer blocks over\n"
@@ -527,7 +629,8 @@ COMMANDS = [
             "example: lmeval-regions combine imp.ar.safetensors imp.es.safetensors "
             "--out imp.safetensors",
             [("args", CombineArgs)], run_combine, lambda s: config_beside(s["args"].out),
-            lambda s: Files(inputs=list(s["args"].files), outputs=[s["args"].out])),
+            lambda s: replace(_summed_files(s["args"].files, s["args"].repeat_languages),
+                              outputs=[s["args"].out])),
     Command("extract", "select a region (Top/Bottom/Middle/Random) from importance",
             "Select a region from importance scores and save its flat indices.\n"
             "  top/bottom: the largest/smallest scores; middle: the band around the median;\n"
@@ -538,7 +641,8 @@ COMMANDS = [
             "             --ratio 0.01 --scope matrix --out top1.safetensors",
             [("args", ExtractArgs), SELECTION], run_extract,
             lambda s: config_beside(s["args"].out),
-            lambda s: Files(inputs=list(s["args"].importance), outputs=[s["args"].out])),
+            lambda s: replace(_summed_files(s["args"].importance, s["args"].repeat_languages),
+                              outputs=[s["args"].out])),
     Command("setop", "union / intersection / difference of regions",
             "Set algebra over region files, applied left to right.\n\n"
             "example: lmeval-regions setop difference top1.safetensors ar.top.safetensors "

@@ -135,6 +135,7 @@ def run_plot(s: dict[str, Any]) -> int:
     check_architecture(s["model"])
     model, _ = load_model(s["model"])
     region = Region.load(args.region, model)
+    region.spec.setdefault("model_name", s["model"].model)  # figure titles name the model
     paths = plot_region_heatmaps(region, find_module_map(model), args.out, max_px=args.max_px)
     paths.append(plot_distribution(region, Path(args.out) / "distribution.png"))
     print("\n".join(str(p) for p in paths))

@@ -123,7 +123,7 @@ def run_neurons(s: dict[str, Any]) -> int:
         print(f"deactivation table: {len(rows)} rows x {len(table_langs)} languages in "
               f"{time.time() - t0:.0f}s; diagonal > mean off-diagonal for "
               f"{summary['diagonal_exceeds_count']} of {summary['rows_compared']} languages")
-    write_report(out, result, acts, table)
+    write_report(out, result, acts, table, model=s["model"].model)
     print(f"report: {out / 'README.md'}")
     return 0
 

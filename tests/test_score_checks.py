@@ -1,0 +1,228 @@
+"""Issue 14 item 2 (bad scores are refused, never ranked) and item 8 (sums in bounded memory).
+
+A NaN ranks as the largest score (it lands in every Top region; an all-NaN matrix gives
+identical Top and Bottom), ±inf and negative entries cannot come from any of our criteria:
+each is an error naming the parameter and the count, on every path that reads scores."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmeval_regions.cli import main
+from lmeval_regions.errors import ArtefactError
+from lmeval_regions.importance import (CRITERIA, NON_NEGATIVE, Importance, combine,
+                                       combine_files, compute_importance, lazy_scores)
+from lmeval_regions.regions import select, select_file
+
+from conftest import REPO, random_batches, tiny_model
+
+BAD = "model.layers.1.mlp.down_proj.weight"
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("scores")
+    imp = compute_importance(tiny_model("llama"), random_batches(), languages=["en"],
+                             progress=False)
+    imp.save(d / "good.safetensors")
+    return d / "good.safetensors"
+
+
+def corrupt(good: Path, out: Path, value: float, count: int, dtype=torch.float32) -> Path:
+    imp = Importance.load(good)
+    t = imp.scores[BAD].clone().to(dtype)
+    flat = t.view(-1)
+    flat[torch.arange(count) * 7] = value  # spread over the matrix
+    imp.scores = {n: (t if n == BAD else s.to(dtype)) for n, s in imp.scores.items()}
+    imp.save(out)
+    return out
+
+
+CASES = [("nan", float("nan"), r"3 non-finite entries of 2048 \(3 NaN, 0 \+inf, 0 -inf\)"),
+         ("+inf", float("inf"), r"3 non-finite entries of 2048 \(0 NaN, 3 \+inf, 0 -inf\)"),
+         ("-inf", float("-inf"), r"3 non-finite entries of 2048 \(0 NaN, 0 \+inf, 3 -inf\)"),
+         ("negative", -1e-3, r"3 negative entries of 2048 \(min -0.001\)")]
+
+
+def test_every_criterion_is_non_negative():
+    assert set(NON_NEGATIVE) == set(CRITERIA)
+
+
+@pytest.mark.parametrize("name,value,message", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("path", ["Importance.load", "select_file", "lazy_scores"])
+def test_bad_scores_are_refused_naming_parameter_and_count(good, tmp_path, name, value,
+                                                           message, path):
+    bad = corrupt(good, tmp_path / "bad.safetensors", value, 3)
+    with pytest.raises(ArtefactError) as e:
+        if path == "Importance.load":
+            Importance.load(bad)
+        elif path == "select_file":
+            select_file(bad, "top", 0.01)
+        else:
+            dict(lazy_scores(bad))  # reads every tensor
+    text = str(e.value)
+    assert str(bad) in text and f"'{BAD}'" in text
+    import re
+    assert re.search(message, text), text
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bad_scores_found_in_bf16_too(good, tmp_path, dtype):
+    bad = corrupt(good, tmp_path / "bad.safetensors", float("nan"), 5, dtype)
+    with pytest.raises(ArtefactError, match="5 non-finite entries"):
+        select_file(bad, "bottom", 0.01, scope="global")
+
+
+def test_all_nan_matrix_would_give_identical_top_and_bottom(good, tmp_path):
+    """The silent failure the check prevents: ranked without it, an all-NaN matrix gives the
+    same Top and Bottom entries; with it, select_file refuses the file."""
+    imp = Importance.load(good)
+    imp.scores[BAD] = torch.full_like(imp.scores[BAD], float("nan"))
+    top = select(imp.scores, "top", 0.01, names=[BAD])
+    bottom = select(imp.scores, "bottom", 0.01, names=[BAD])
+    assert torch.equal(top.indices[BAD], bottom.indices[BAD])  # why it must be refused
+    imp.save(tmp_path / "nan.safetensors")
+    with pytest.raises(ArtefactError, match="2048 non-finite entries of 2048"):
+        select_file(tmp_path / "nan.safetensors", "top", 0.01)
+
+
+def test_zeros_and_ties_are_fine(good, tmp_path):
+    """No false alarm: exact zeros (a quantised model's) and ties are valid scores."""
+    imp = Importance.load(good)
+    imp.scores[BAD] = torch.zeros_like(imp.scores[BAD])
+    imp.save(tmp_path / "zeros.safetensors")
+    assert Importance.load(tmp_path / "zeros.safetensors").scores[BAD].sum() == 0
+    assert select_file(tmp_path / "zeros.safetensors", "bottom", 0.01).numel() > 0
+
+
+@pytest.mark.parametrize("cmd", ["extract", "combine", "monolingual"])
+def test_cli_refuses_bad_scores_and_writes_nothing(good, tmp_path, capsys, cmd):
+    bad = corrupt(good, tmp_path / "bad.safetensors", float("nan"), 2)
+    out = tmp_path / "out.safetensors"
+    other = tmp_path / "other.safetensors"
+    imp = Importance.load(good)
+    imp.languages = ["fr"]
+    imp.save(other)
+    argv = {"extract": ["extract", "--importance", bad, "--out", out],
+            "combine": ["combine", other, bad, "--out", out],
+            "monolingual": ["monolingual", "--importance", f"fr={other},en={bad}",
+                            "--out-dir", tmp_path / "mono"]}[cmd]
+    before = bad.read_bytes()
+    capsys.readouterr()
+    assert main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"'{BAD}'" in err and "2 non-finite entries" in err
+    assert not out.exists() and not list(tmp_path.glob("mono/*.safetensors"))
+    assert bad.read_bytes() == before
+
+
+def test_each_tensor_is_checked_once_even_when_read_again(good):
+    """A global selection reads each tensor two or three times; the check runs once."""
+    scores = lazy_scores(good)
+    calls = []
+    check = scores.validate
+    scores.validate = lambda n, t: (calls.append(n), check(n, t))
+    select(scores, "top", 0.01, scope="global")
+    assert sorted(calls) == sorted(scores) and len(calls) == len(set(calls))
+
+
+# ---- sums in bounded memory ------------------------------------------------------------------
+
+def _parts(tmp: Path, n: int = 3) -> list[Path]:
+    paths = []
+    for i, lang in enumerate(["ar", "es", "ru", "zh"][:n]):
+        imp = compute_importance(tiny_model("llama"), random_batches(seed=i), languages=[lang],
+                                 progress=False)
+        imp.extra["batch_size"] = 2
+        imp.save(tmp / f"imp.{lang}.safetensors")
+        paths.append(tmp / f"imp.{lang}.safetensors")
+    return paths
+
+
+def test_combine_files_equals_combine_in_memory(tmp_path):
+    paths = _parts(tmp_path)
+    meta = combine_files(paths, tmp_path / "sum.safetensors")
+    got = Importance.load(tmp_path / "sum.safetensors")
+    parts = [Importance.load(p) for p in paths]
+    ref = combine(parts)
+    assert list(got.scores) == list(ref.scores)
+    for n in ref.scores:  # the same fp32 additions in the same order
+        assert torch.equal(got.scores[n], parts[0].scores[n] + parts[1].scores[n]
+                           + parts[2].scores[n])
+    for field in ("languages", "n_sequences", "n_tokens", "n_skipped", "sources", "criterion",
+                  "snapshot", "model"):
+        assert getattr(got, field) == getattr(ref, field) == getattr(meta, field), field
+    assert got.extra["combined_from"] == [["ar"], ["es"], ["ru"]]
+    assert got.extra["layouts"] == parts[0].extra["layouts"]
+
+
+def test_combine_refuses_different_criteria_naming_both(tmp_path):
+    paths = _parts(tmp_path, 2)
+    imp = Importance.load(paths[1])
+    imp.criterion = "fisher"
+    imp.save(paths[1])
+    with pytest.raises(ArtefactError) as e:
+        combine_files(paths, tmp_path / "sum.safetensors")
+    assert str(paths[0]) in str(e.value) and str(paths[1]) in str(e.value)
+    assert "'sum_abs'" in str(e.value) and "'fisher'" in str(e.value)
+    assert not (tmp_path / "sum.safetensors").exists()
+
+
+_PEAK = r'''
+import json, sys, torch
+from lmeval_regions.importance import Importance, combine, combine_files
+
+
+def status(key):  # kB, from /proc/self/status
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+
+
+mode, folder = sys.argv[1], sys.argv[2]
+paths = [f"{folder}/imp.{i}.safetensors" for i in range(4)]
+torch.ones(1)
+with open("/proc/self/clear_refs", "w") as f:  # reset the peak (VmHWM) to the current RSS
+    f.write("5")
+before = status("VmRSS")
+if mode == "stream":
+    combine_files(paths, f"{folder}/sum.safetensors")
+else:
+    combine([Importance.load(p) for p in paths]).save(f"{folder}/sum.safetensors")
+print(json.dumps({"before_kb": before, "after_kb": status("VmHWM")}))
+'''
+
+
+def test_combine_of_files_holds_one_tensor_per_file(tmp_path):
+    """Four files of 4 x 16 MB tensors (256 MB in all): streaming combine's peak memory grows
+    by a few tensors (peak RSS, VmHWM, in a fresh process), while loading every file and
+    summing in memory, the control, grows by at least the inputs' total."""
+    from lmeval_regions.artefacts import model_fingerprint
+
+    shapes = {f"model.layers.{l}.mlp.down_proj.weight": [2048, 2048] for l in range(4)}
+    fp = model_fingerprint(shapes)
+    for i in range(4):
+        g = torch.Generator().manual_seed(i)
+        Importance({n: torch.rand(s, generator=g) for n, s in shapes.items()}, "sum_abs", fp,
+                   languages=[f"l{i}"]).save(tmp_path / f"imp.{i}.safetensors")
+    mb = {}
+    for mode in ("stream", "memory"):
+        res = subprocess.run([sys.executable, "-c", _PEAK, mode, str(tmp_path)], check=True,
+                             capture_output=True, text=True,
+                             # a fixed mmap threshold: freed tensors leave RSS at once
+                             # (glibc's dynamic one keeps them in the heap)
+                             env={**os.environ, "PYTHONPATH": str(REPO),
+                                  "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "1048576"})
+        doc = json.loads(res.stdout.strip().splitlines()[-1])
+        mb[mode] = (doc["after_kb"] - doc["before_kb"]) / 1024
+    print(f"peak RSS growth, MB: {mb}")
+    tensor_mb = 2048 * 2048 * 4 / 2**20  # 16 MB
+    assert mb["stream"] < 6 * tensor_mb, mb       # 4 inputs + the sum + slack: 96 MB
+    assert mb["memory"] > 16 * tensor_mb, mb      # every input held: >= 256 MB
