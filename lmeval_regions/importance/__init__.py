@@ -5,13 +5,15 @@
 * :mod:`.criteria` -- ``magnitude`` |θ| and ``wanda`` |W|·‖X‖ (input norms by forward hooks);
 * :mod:`.compute` -- :class:`ImportanceConfig`, :class:`ImportancePass` (every criterion in one
   pass), :func:`compute_importance` and :func:`iter_importances` (cumulative snapshots);
-* :mod:`.artefact` -- :class:`Importance` (scores + provenance) and :func:`combine`;
+* :mod:`.artefact` -- :class:`Importance` (scores + provenance), :func:`combine`, and
+  :class:`SummedScores` (the same sum over files, read tensor by tensor);
 * :mod:`.shards` -- per-rank files under FSDP2 and their merge.
 """
 
 from lmeval_regions.importance.accumulator import (CRITERIA, GRADIENT_CRITERIA, Criterion,
                                                    ImportanceAccumulator, add_stochastic_bf16)
-from lmeval_regions.importance.artefact import KIND, Importance, combine, criterion_of
+from lmeval_regions.importance.artefact import (KIND, Importance, SummedScores, combine,
+                                               combined_meta, criterion_of)
 from lmeval_regions.importance.compute import (ImportanceConfig, ImportancePass, PassState,
                                                compute_importance, iter_importances)
 from lmeval_regions.importance.criteria import InputNorms, magnitude_scores
@@ -19,6 +21,7 @@ from lmeval_regions.importance.shards import merge_shards, save_shard, shard_pat
 
 __all__ = ["CRITERIA", "GRADIENT_CRITERIA", "KIND", "Criterion", "Importance",
            "ImportanceAccumulator", "ImportanceConfig", "ImportancePass", "InputNorms",
-           "PassState", "add_stochastic_bf16", "combine", "compute_importance", "criterion_of",
+           "PassState", "SummedScores", "add_stochastic_bf16", "combine", "combined_meta",
+           "compute_importance", "criterion_of",
            "iter_importances", "magnitude_scores", "merge_shards", "save_shard", "shard_path",
            "shard_paths"]
