@@ -120,12 +120,23 @@ def importance_outputs(s: dict[str, Any]) -> tuple[dict[str, dict[tuple, Path]],
 
 
 def run_importance(s: dict[str, Any]) -> int:
+    from lmeval_regions.models import launched
+
+    model: ModelConfig = s["model"]
+    # Under accelerate launch / torchrun every rank reads the whole corpus and computes its
+    # round-robin share of the batches; the sums are added over the ranks; rank 0 writes.
+    with launched(model.resolved_device(), model.device_map) as dp:
+        _importance_languages(s, dp)
+    return 0
+
+
+def _importance_languages(s: dict[str, Any], dp) -> None:
     from dataclasses import asdict
 
     from lmeval_regions.artefacts import read_metadata
     from lmeval_regions.corpora import fingerprint
-    from lmeval_regions.importance import Importance, combine, iter_importances
-    from lmeval_regions.models import load_model
+    from lmeval_regions.importance import Importance, SummedScores, combine, iter_importances
+    from lmeval_regions.models import barrier, load_model
 
     corpus: CorpusConfig = s["corpus"]
     corpus.check()  # a bad corpus fails before the (slow) model load
@@ -133,8 +144,9 @@ def run_importance(s: dict[str, Any]) -> int:
         corpus.load()  # units mode: every language has its units
     per_lang, sums = importance_outputs(s)
     sources = corpus.sources()
+    writes = dp is None or dp.main
     model = tok = None
-    parts: dict[tuple, list[Importance]] = {}
+    single: dict[tuple, Importance] = {}  # one language and --combine: its importance is the sum
     for lang in corpus.langs:
         targets = per_lang.get(lang, {})
         # what this language's scores depend on: files made from the same are reused
@@ -144,33 +156,42 @@ def run_importance(s: dict[str, Any]) -> int:
         existing = [p for p in targets.values() if p.exists()]
         if targets and len(existing) == len(targets) and all(
                 read_metadata(p, "importance").get("run") == key for p in existing):
-            print(f"[importance] {lang}: reused {', '.join(map(str, existing))}", flush=True)
-            for v, p in targets.items():
-                parts.setdefault(v, []).append(Importance.load(p))
+            if writes:
+                print(f"[importance] {lang}: reused {', '.join(map(str, existing))}",
+                      flush=True)
             continue
         if existing and not s["run"].overwrite:
             raise RegionsError(f"'{existing[0]}' exists but was made from other inputs; pass "
                                "--overwrite to recompute it, or give another --out")
         if model is None:
             model, tok = load_model(s["model"])
+            if dp is not None:
+                print(f"[importance] rank {dp.rank} of {dp.world_size}: batches i with "
+                      f"i % {dp.world_size} == {dp.rank} (round-robin)", flush=True)
         stream = corpus.streams(tok)[lang]
-        print(f"[importance] {lang}: {stream.provenance['amount']} from "
-              f"{stream.provenance['source']}", flush=True)
+        if writes:
+            print(f"[importance] {lang}: {stream.provenance['amount']} from "
+                  f"{stream.provenance['source']}", flush=True)
         for imp in iter_importances(model, stream, s["importance"], languages=[lang],
-                                    sources=[stream.provenance]):
+                                    sources=[stream.provenance], progress=writes):
             imp.extra["run"] = key
             variant = (imp.criterion, imp.snapshot)
-            if variant in targets:
+            if variant in targets and writes:
                 imp.save(targets[variant])
                 print(f"wrote {targets[variant]} ({imp.n_sequences} sequences, {imp.n_tokens} "
                       f"tokens, {imp.n_skipped} skipped)")
-            parts.setdefault(variant, []).append(imp)
-    for variant, path in sums.items():
-        total = combine(parts[variant])
+            if not targets and variant in sums:
+                single[variant] = imp
+    for variant, path in sums.items() if writes else ():
+        # Several languages: summed from their files one tensor at a time (memory: one
+        # parameter's scores, not one importance per language).
+        total = (combine([single[variant]]) if variant in single else
+                 SummedScores([per_lang[lang][variant] for lang in corpus.langs]))
         total.save(path)
-        print(f"wrote {path} (sum over {','.join(corpus.langs)}: {total.n_sequences} "
-              f"sequences, {total.n_tokens} tokens)")
-    return 0
+        meta = total.meta() if variant in single else total.meta
+        print(f"wrote {path} (sum over {','.join(corpus.langs)}: {meta['n_sequences']} "
+              f"sequences, {meta['n_tokens']} tokens)")
+    barrier()  # the other ranks wait for rank 0's files
 
 
 # ---- combine -------------------------------------------------------------------------------
@@ -517,9 +538,12 @@ COMMANDS = [
             "  lmeval-regions importance --langs ar,es --out 'imp_{lang}.safetensors' \\\n"
             "      --device cuda --dtype bfloat16\n"
             "  lmeval-regions importance --criteria sum_abs,fisher,wanda --snapshots 10,20 \\\n"
-            "      --out imp.safetensors --combine   # imp.ar.fisher.n10.safetensors ...",
+            "      --out imp.safetensors --combine   # imp.ar.fisher.n10.safetensors ...\n"
+            "  accelerate launch --multi_gpu --num_processes 8 -m lmeval_regions.cli \\\n"
+            "      importance --device cuda --dtype bfloat16 ...   # data parallel, 8 GPUs",
             [MODEL, CORPUS, ("importance", ImportanceConfig), ("args", ImportanceArgs)],
-            run_importance, lambda s: config_beside(s["args"].out), _importance_files),
+            run_importance, lambda s: config_beside(s["args"].out), _importance_files,
+            parallel=True),
     Command("combine", "sum importance files (e.g. per-language into the core score)",
             "Sum importance files of the same model and mode.\n\n"
             "example: lmeval-regions combine imp.ar.safetensors imp.es.safetensors "
