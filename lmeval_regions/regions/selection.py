@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Iterable, Literal, Mapping
+from typing import Any, Iterable, Literal, Mapping, Sequence
 
 import torch
 
 from lmeval_regions.artefacts import LazyScores
 from lmeval_regions.errors import ArtefactError, RegionsError, did_you_mean
-from lmeval_regions.importance import criterion_of
+from lmeval_regions.importance import SummedScores, criterion_of
 from lmeval_regions.regions.ranking import (METHODS, check_ratio, n_select, seed_for,
                                             select_flat, select_global)
 from lmeval_regions.regions.region import Region, index_dtype
@@ -219,10 +219,39 @@ def select_file(path: str | os.PathLike, method: str, ratio: float, scope: str =
     if names is not None:
         names = list(names)
         scores.check(names)
+    return _select_lazy(scores, {"file": str(path)}, method, ratio, scope, seed, names, fused)
+
+
+def _select_lazy(scores, where: dict[str, Any], method: str, ratio: float, scope: str,
+                 seed: int, names: list[str] | None, fused: Fused) -> Region:
+    """:func:`select` over a lazy mapping with artefact metadata ``scores.meta``, keeping
+    its model fingerprint and provenance (plus ``where``: the file or files)."""
     meta = scores.meta
-    source = {"file": str(path), "languages": meta.get("languages", []),
-              "criterion": criterion_of(meta, path, required=False),
+    source = {**where, "languages": meta.get("languages", []),
+              "criterion": criterion_of(meta, where, required=False),
               "snapshot": meta.get("snapshot"), "n_sequences": meta.get("n_sequences"),
               "n_tokens": meta.get("n_tokens")}
     return select(scores, method, ratio, scope, seed, meta.get("model", {}), names, source,
                   fused, meta.get("layouts"))
+
+
+def select_files(paths: Sequence[str | os.PathLike], method: str, ratio: float,
+                 scope: str = "matrix", seed: int = 0, names: Iterable[str] | None = None,
+                 fused: Fused = "split") -> Region:
+    """:func:`select_file` over the per-entry sum of several importance artefacts (paper 1's
+    core score), read tensor by tensor (:class:`importance.SummedScores`): memory is one
+    parameter's summed scores plus the selected indices, whatever the files' sizes.
+
+    The region is the one :func:`select_from_importance` gives on :func:`importance.combine`
+    of the loaded files (the same fp32 sums, the same provenance); one file is
+    :func:`select_file`.
+    """
+    paths = list(paths)
+    if len(paths) == 1:
+        return select_file(paths[0], method, ratio, scope, seed, names, fused)
+    scores = SummedScores(paths)
+    if names is not None:
+        names = list(names)
+        scores.check(names)
+    return _select_lazy(scores, {"files": [str(p) for p in paths]}, method, ratio, scope, seed,
+                        names, fused)

@@ -236,25 +236,18 @@ class ExtractArgs:
     """Fraction in (0, 1] of each unit of --scope (paper 1: 1%, 3%, 5% per matrix)."""
 
 
-def _load_importance(files: tuple[str, ...]):
-    """One importance file, or several summed (paper 1's core score)."""
-    from lmeval_regions.importance import Importance, combine
-
-    parts = [Importance.load(f) for f in files]
-    return parts[0] if len(parts) == 1 else combine(parts)
-
-
 def run_extract(s: dict[str, Any]) -> int:
-    from lmeval_regions.regions import select_from_importance
+    from lmeval_regions.regions import select_files
 
     args: ExtractArgs = s["args"]
     sel: SelectionConfig = s["selection"]
-    imp = _load_importance(args.importance)
-    region = select_from_importance(imp, args.method, args.ratio, sel.scope, sel.seed,
-                                    sel.fused)
+    # Read tensor by tensor (several files summed one parameter at a time): memory is one
+    # parameter's scores plus the selected indices, whatever the model's size.
+    region = select_files(args.importance, args.method, args.ratio, sel.scope, sel.seed,
+                          fused=sel.fused)
     region.spec["importance_files"] = list(args.importance)
     region.save(args.out)
-    total = sum(t.numel() for t in imp.scores.values())
+    total = sum(math.prod(shape) for shape in region.shapes.values())
     print(f"wrote {args.out}: {args.method} {args.ratio:g} per {sel.scope}, "
           f"{region.numel()} of {total} entries ({100 * region.numel() / total:.3f}%) "
           f"in {len(region.indices)} parameters")
@@ -391,17 +384,16 @@ class MonolingualArgs:
 
 
 def run_monolingual(s: dict[str, Any]) -> int:
-    from lmeval_regions.regions import monolingual, select_from_importance
+    from lmeval_regions.regions import monolingual, select_files
 
     args: MonolingualArgs = s["args"]
     sel: SelectionConfig = s["selection"]
     tops, bottoms = {}, {}
-    for lang, paths in args.files().items():
-        imp = _load_importance(tuple(paths))
-        tops[lang] = select_from_importance(imp, "top", args.ratio, sel.scope, sel.seed,
-                                            sel.fused)
-        bottoms[lang] = select_from_importance(imp, "bottom", args.ratio, sel.scope, sel.seed,
-                                               sel.fused)
+    for lang, paths in args.files().items():  # per language, read tensor by tensor
+        tops[lang] = select_files(paths, "top", args.ratio, sel.scope, sel.seed,
+                                  fused=sel.fused)
+        bottoms[lang] = select_files(paths, "bottom", args.ratio, sel.scope, sel.seed,
+                                     fused=sel.fused)
     mono = monolingual(tops, bottoms)
     out_dir = Path(args.out_dir)
     print(f"{'lang':<6} {'top':>10} {'mono top':>10} {'bottom':>10} {'mono bottom':>12}")
