@@ -8,6 +8,12 @@ Each measurement runs in a fresh subprocess and reports its wall time and peak R
     OMP_NUM_THREADS=1 nice -n 10 python benchmarks/bench_select.py            # full 7B shape
     OMP_NUM_THREADS=1 python benchmarks/bench_select.py --layers 2            # scaled down
 
+With ``--cli`` the same selections also run as ``lmeval-regions extract`` (the command a
+researcher types), each in a fresh process whose own peak RSS is read with ``os.wait4``, beside
+the CLI's start-up alone (``extract --help``: interpreter, torch, the package)::
+
+    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/bench_select.py --cli --ratio 0.01
+
 Writes ``benchmarks/results/bench_select[_L<layers>].json``; deletes the artefact afterwards
 unless ``--keep``.
 """
@@ -94,6 +100,36 @@ def measure(what: str, path: str, ratio: float) -> dict:
     return out
 
 
+def run_cli(scope: str | None, path: Path, ratio: float) -> dict:
+    """``lmeval-regions extract`` (``scope`` None: ``extract --help``, the start-up alone) in a
+    fresh process: wall time and that process' own peak RSS (``os.wait4``; RUSAGE_CHILDREN
+    would report the largest of all children so far)."""
+    out = path.with_name(f"region_{scope}.safetensors")
+    cmd = [sys.executable, "-m", "lmeval_regions.cli", "extract"]
+    cmd += ["--help"] if scope is None else [
+        "--importance", str(path), "--method", "top", "--ratio", str(ratio), "--scope", scope,
+        "--out", str(out), "--quiet", "--overwrite"]
+    log = path.with_name(f"cli_{scope}.log")
+    t = time.perf_counter()
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
+        _, status, ru = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - t
+    text = log.read_text()
+    log.unlink()
+    if os.waitstatus_to_exitcode(status):
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{text[-3000:]}")
+    report = {"command": " ".join(cmd[1:]), "seconds": seconds,
+              "cpu_seconds": ru.ru_utime + ru.ru_stime, "peak_rss_mb": ru.ru_maxrss / 1024}
+    if scope is not None:
+        from lmeval_regions.artefacts import read_metadata
+
+        report["selected"] = read_metadata(out, "region")["numel"]
+        out.unlink()
+        out.with_name(out.stem + ".config.yaml").unlink(missing_ok=True)
+    return report
+
+
 def run_child(what: str, path: Path, ratio: float) -> dict:
     r = subprocess.run([sys.executable, __file__, "--measure", what, "--file", str(path),
                         "--ratio", str(ratio)], capture_output=True, text=True)
@@ -112,6 +148,8 @@ def main() -> None:
     ap.add_argument("--rss-limit-mb", type=float, default=2048)
     ap.add_argument("--only", nargs="+", choices=["matrix", "global"], default=["matrix", "global"],
                     help="which selections to measure")
+    ap.add_argument("--cli", action="store_true",
+                    help="also run each selection as `lmeval-regions extract` (peak RSS)")
     ap.add_argument("--measure", help=argparse.SUPPRESS)
     ap.add_argument("--file", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -136,6 +174,11 @@ def main() -> None:
                 key = "read_raw"
             report[key] = run_child(what, path, args.ratio)
             print(key, report[key], flush=True)
+        if args.cli:
+            for scope in (None, *args.only):
+                key = f"cli_{scope or 'startup'}"
+                report[key] = run_cli(scope, path, args.ratio)
+                print(key, report[key], flush=True)
     finally:
         if not args.keep:
             path.unlink(missing_ok=True)
@@ -147,8 +190,11 @@ def main() -> None:
                                              for w in ("read_tensors", *args.only)}
     report["ns_per_entry"] = {w: report[w]["seconds"] / report["generate"]["entries"] * 1e9
                               for w in ("read_raw", *args.only)}
-    report["peak_rss_ok"] = all(report[w]["peak_rss_mb"] <= args.rss_limit_mb
-                                for w in args.only)
+    measured = [*args.only, *([f"cli_{w}" for w in args.only] if args.cli else [])]
+    report["peak_rss_ok"] = all(report[w]["peak_rss_mb"] <= args.rss_limit_mb for w in measured)
+    if args.cli:
+        report["cli_time_vs_sequential_read"] = {
+            w: report[f"cli_{w}"]["seconds"] / base for w in args.only}
     out = Path(args.out or Path(__file__).parent / "results" /
                ("bench_select.json" if args.layers == 32 else f"bench_select_L{args.layers}.json"))
     write_text_atomic(out, json.dumps(report, indent=2))
