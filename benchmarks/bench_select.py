@@ -100,10 +100,11 @@ def measure(what: str, path: str, ratio: float) -> dict:
     return out
 
 
-def run_cli(scope: str | None, path: Path, ratio: float) -> dict:
+def run_cli(scope: str | None, path: Path, ratio: float, keep: bool = False) -> dict:
     """``lmeval-regions extract`` (``scope`` None: ``extract --help``, the start-up alone) in a
     fresh process: wall time and that process' own peak RSS (``os.wait4``; RUSAGE_CHILDREN
-    would report the largest of all children so far)."""
+    would report the largest of all children so far). ``keep``: keep the region file (its
+    path is ``report["region"]``)."""
     out = path.with_name(f"region_{scope}.safetensors")
     cmd = [sys.executable, "-m", "lmeval_regions.cli", "extract"]
     cmd += ["--help"] if scope is None else [
@@ -125,8 +126,11 @@ def run_cli(scope: str | None, path: Path, ratio: float) -> dict:
         from lmeval_regions.artefacts import read_metadata
 
         report["selected"] = read_metadata(out, "region")["numel"]
-        out.unlink()
         out.with_name(out.stem + ".config.yaml").unlink(missing_ok=True)
+        if keep:
+            report["region"] = str(out)
+        else:
+            out.unlink()
     return report
 
 
