@@ -27,7 +27,8 @@ class Importance:
     """Importance scores ``name -> tensor`` (shape of the parameter) with their provenance."""
 
     scores: dict[str, torch.Tensor]
-    """``name -> scores`` shaped like the parameter (fp32 from a pass)."""
+    """``name -> scores`` shaped like the parameter (fp32 from a pass; bf16 from one process'
+    bf16 accumulators, whose values they are exactly)."""
     criterion: str
     """How the scores were made (see :data:`importance.CRITERIA`)."""
     model: dict[str, Any]

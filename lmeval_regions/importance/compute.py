@@ -237,8 +237,10 @@ class ImportancePass:
                languages: list[str] | None = None, sources: list[dict[str, Any]] | None = None,
                take: bool = False) -> list[Importance]:
         """One :class:`Importance` per criterion (config order) from ``state``; new tensors,
-        unless ``take``: then fp32 sums of ``state`` become the scores (|·| in place), which
-        saves a copy (4 bytes per entry) when the pass is over.
+        unless ``take``: then the sums of ``state`` become the scores (|·| in place), which
+        saves a copy when the pass is over. Gradient criteria's scores have the sums' dtype:
+        fp32, or bf16 from bf16 accumulators in one process (their exact values; selection
+        ranks them as stored and :func:`combine` adds them in fp32).
 
         ``magnitude`` and ``wanda`` read the weights as they are now.
         """
@@ -253,8 +255,9 @@ class ImportancePass:
         for c in cfg.criteria:
             if c in GRADIENT_CRITERIA:
                 raw = state.grads[c]
-                scores = {n: (raw[n].abs_() if take and raw[n].dtype == torch.float32
-                              else raw[n].float().abs()) for n in self.params}
+                # |.| keeps the sums' dtype: fp32, or the bf16 accumulators' own (exact)
+                # values -- widening them would add no information and 4 bytes per entry
+                scores = {n: raw[n].abs_() if take else raw[n].abs() for n in self.params}
             elif c == "magnitude":
                 scores = magnitude_scores(self.params)
             else:
