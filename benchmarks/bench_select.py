@@ -26,6 +26,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -100,28 +101,55 @@ def measure(what: str, path: str, ratio: float) -> dict:
     return out
 
 
-def run_cli(scope: str | None, path: Path, ratio: float, keep: bool = False) -> dict:
-    """``lmeval-regions extract`` (``scope`` None: ``extract --help``, the start-up alone) in a
-    fresh process: wall time and that process' own peak RSS (``os.wait4``; RUSAGE_CHILDREN
-    would report the largest of all children so far). ``keep``: keep the region file (its
-    path is ``report["region"]``)."""
-    out = path.with_name(f"region_{scope}.safetensors")
-    cmd = [sys.executable, "-m", "lmeval_regions.cli", "extract"]
-    cmd += ["--help"] if scope is None else [
-        "--importance", str(path), "--method", "top", "--ratio", str(ratio), "--scope", scope,
-        "--out", str(out), "--quiet", "--overwrite"]
-    log = path.with_name(f"cli_{scope}.log")
+# Runs the CLI and, at exit, reports the process' own peak RSS: VmHWM of /proc/self/status (this
+# process' memory since exec). ru_maxrss from wait4 is not enough: Linux keeps the larger of the
+# parent's RSS at fork time and the child's, so a child of a big process (pytest holding a model)
+# would report the parent's size.
+_PEAK_WRAPPER = """
+import atexit, runpy, sys
+def _report():
+    with open('/proc/self/status') as f:
+        kb = [l.split()[1] for l in f if l.startswith('VmHWM:')]
+    sys.stderr.write('\\nLMEVAL_REGIONS_VMHWM_KB %s\\n' % (kb[0] if kb else -1))
+atexit.register(_report)
+sys.argv = ['lmeval-regions', *sys.argv[1:]]
+runpy.run_module('lmeval_regions.cli', run_name='__main__', alter_sys=True)
+"""
+
+
+def cli_peak(args: list[str], cwd: str | os.PathLike | None = None,
+             env: dict[str, str] | None = None) -> dict:
+    """``lmeval-regions ARGS`` in a fresh process: ``{"seconds", "cpu_seconds",
+    "peak_rss_bytes", "returncode", "output"}``; the peak is the process' own (VmHWM)."""
+    log = Path(tempfile.mkstemp(prefix="lmeval_cli_", suffix=".log")[1])
     t = time.perf_counter()
     with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([sys.executable, "-c", _PEAK_WRAPPER, *args], cwd=cwd, env=env,
+                                stdout=fh, stderr=subprocess.STDOUT)
         _, status, ru = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - t
     text = log.read_text()
     log.unlink()
-    if os.waitstatus_to_exitcode(status):
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{text[-3000:]}")
-    report = {"command": " ".join(cmd[1:]), "seconds": seconds,
-              "cpu_seconds": ru.ru_utime + ru.ru_stime, "peak_rss_mb": ru.ru_maxrss / 1024}
+    kb = [int(line.split()[1]) for line in text.splitlines()
+          if line.startswith("LMEVAL_REGIONS_VMHWM_KB")]
+    peak = kb[-1] * 1024 if kb and kb[-1] >= 0 else ru.ru_maxrss * 1024  # non-Linux: maxrss
+    return {"seconds": seconds, "cpu_seconds": ru.ru_utime + ru.ru_stime, "peak_rss_bytes": peak,
+            "returncode": os.waitstatus_to_exitcode(status), "output": text}
+
+
+def run_cli(scope: str | None, path: Path, ratio: float, keep: bool = False) -> dict:
+    """``lmeval-regions extract`` (``scope`` None: ``extract --help``, the start-up alone) in a
+    fresh process: wall time and that process' own peak RSS (:func:`cli_peak`). ``keep``: keep
+    the region file (its path is ``report["region"]``)."""
+    out = path.with_name(f"region_{scope}.safetensors")
+    args = ["extract"] + (["--help"] if scope is None else [
+        "--importance", str(path), "--method", "top", "--ratio", str(ratio), "--scope", scope,
+        "--out", str(out), "--quiet", "--overwrite"])
+    run = cli_peak(args)
+    if run["returncode"]:
+        raise SystemExit(f"lmeval-regions {' '.join(args)} failed:\n{run['output'][-3000:]}")
+    report = {"command": "lmeval-regions " + " ".join(args), "seconds": run["seconds"],
+              "cpu_seconds": run["cpu_seconds"], "peak_rss_mb": run["peak_rss_bytes"] / 2**20}
     if scope is not None:
         from lmeval_regions.artefacts import read_metadata
 
