@@ -8,6 +8,12 @@ Each measurement runs in a fresh subprocess and reports its wall time and peak R
     OMP_NUM_THREADS=1 nice -n 10 python benchmarks/bench_select.py            # full 7B shape
     OMP_NUM_THREADS=1 python benchmarks/bench_select.py --layers 2            # scaled down
 
+With ``--cli`` the same selections also run as ``lmeval-regions extract`` (the command a
+researcher types), each in a fresh process whose own peak RSS is read with ``os.wait4``, beside
+the CLI's start-up alone (``extract --help``: interpreter, torch, the package)::
+
+    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/bench_select.py --cli --ratio 0.01
+
 Writes ``benchmarks/results/bench_select[_L<layers>].json``; deletes the artefact afterwards
 unless ``--keep``.
 """
@@ -20,6 +26,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -94,6 +101,67 @@ def measure(what: str, path: str, ratio: float) -> dict:
     return out
 
 
+# Runs the CLI and, at exit, reports the process' own peak RSS: VmHWM of /proc/self/status (this
+# process' memory since exec). ru_maxrss from wait4 is not enough: Linux keeps the larger of the
+# parent's RSS at fork time and the child's, so a child of a big process (pytest holding a model)
+# would report the parent's size.
+_PEAK_WRAPPER = """
+import atexit, runpy, sys
+def _report():
+    with open('/proc/self/status') as f:
+        kb = [l.split()[1] for l in f if l.startswith('VmHWM:')]
+    sys.stderr.write('\\nLMEVAL_REGIONS_VMHWM_KB %s\\n' % (kb[0] if kb else -1))
+atexit.register(_report)
+sys.argv = ['lmeval-regions', *sys.argv[1:]]
+runpy.run_module('lmeval_regions.cli', run_name='__main__', alter_sys=True)
+"""
+
+
+def cli_peak(args: list[str], cwd: str | os.PathLike | None = None,
+             env: dict[str, str] | None = None) -> dict:
+    """``lmeval-regions ARGS`` in a fresh process: ``{"seconds", "cpu_seconds",
+    "peak_rss_bytes", "returncode", "output"}``; the peak is the process' own (VmHWM)."""
+    log = Path(tempfile.mkstemp(prefix="lmeval_cli_", suffix=".log")[1])
+    t = time.perf_counter()
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([sys.executable, "-c", _PEAK_WRAPPER, *args], cwd=cwd, env=env,
+                                stdout=fh, stderr=subprocess.STDOUT)
+        _, status, ru = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - t
+    text = log.read_text()
+    log.unlink()
+    kb = [int(line.split()[1]) for line in text.splitlines()
+          if line.startswith("LMEVAL_REGIONS_VMHWM_KB")]
+    peak = kb[-1] * 1024 if kb and kb[-1] >= 0 else ru.ru_maxrss * 1024  # non-Linux: maxrss
+    return {"seconds": seconds, "cpu_seconds": ru.ru_utime + ru.ru_stime, "peak_rss_bytes": peak,
+            "returncode": os.waitstatus_to_exitcode(status), "output": text}
+
+
+def run_cli(scope: str | None, path: Path, ratio: float, keep: bool = False) -> dict:
+    """``lmeval-regions extract`` (``scope`` None: ``extract --help``, the start-up alone) in a
+    fresh process: wall time and that process' own peak RSS (:func:`cli_peak`). ``keep``: keep
+    the region file (its path is ``report["region"]``)."""
+    out = path.with_name(f"region_{scope}.safetensors")
+    args = ["extract"] + (["--help"] if scope is None else [
+        "--importance", str(path), "--method", "top", "--ratio", str(ratio), "--scope", scope,
+        "--out", str(out), "--quiet", "--overwrite"])
+    run = cli_peak(args)
+    if run["returncode"]:
+        raise SystemExit(f"lmeval-regions {' '.join(args)} failed:\n{run['output'][-3000:]}")
+    report = {"command": "lmeval-regions " + " ".join(args), "seconds": run["seconds"],
+              "cpu_seconds": run["cpu_seconds"], "peak_rss_mb": run["peak_rss_bytes"] / 2**20}
+    if scope is not None:
+        from lmeval_regions.artefacts import read_metadata
+
+        report["selected"] = read_metadata(out, "region")["numel"]
+        out.with_name(out.stem + ".config.yaml").unlink(missing_ok=True)
+        if keep:
+            report["region"] = str(out)
+        else:
+            out.unlink()
+    return report
+
+
 def run_child(what: str, path: Path, ratio: float) -> dict:
     r = subprocess.run([sys.executable, __file__, "--measure", what, "--file", str(path),
                         "--ratio", str(ratio)], capture_output=True, text=True)
@@ -112,6 +180,8 @@ def main() -> None:
     ap.add_argument("--rss-limit-mb", type=float, default=2048)
     ap.add_argument("--only", nargs="+", choices=["matrix", "global"], default=["matrix", "global"],
                     help="which selections to measure")
+    ap.add_argument("--cli", action="store_true",
+                    help="also run each selection as `lmeval-regions extract` (peak RSS)")
     ap.add_argument("--measure", help=argparse.SUPPRESS)
     ap.add_argument("--file", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -136,6 +206,11 @@ def main() -> None:
                 key = "read_raw"
             report[key] = run_child(what, path, args.ratio)
             print(key, report[key], flush=True)
+        if args.cli:
+            for scope in (None, *args.only):
+                key = f"cli_{scope or 'startup'}"
+                report[key] = run_cli(scope, path, args.ratio)
+                print(key, report[key], flush=True)
     finally:
         if not args.keep:
             path.unlink(missing_ok=True)
@@ -147,8 +222,11 @@ def main() -> None:
                                              for w in ("read_tensors", *args.only)}
     report["ns_per_entry"] = {w: report[w]["seconds"] / report["generate"]["entries"] * 1e9
                               for w in ("read_raw", *args.only)}
-    report["peak_rss_ok"] = all(report[w]["peak_rss_mb"] <= args.rss_limit_mb
-                                for w in args.only)
+    measured = [*args.only, *([f"cli_{w}" for w in args.only] if args.cli else [])]
+    report["peak_rss_ok"] = all(report[w]["peak_rss_mb"] <= args.rss_limit_mb for w in measured)
+    if args.cli:
+        report["cli_time_vs_sequential_read"] = {
+            w: report[f"cli_{w}"]["seconds"] / base for w in args.only}
     out = Path(args.out or Path(__file__).parent / "results" /
                ("bench_select.json" if args.layers == 32 else f"bench_select_L{args.layers}.json"))
     write_text_atomic(out, json.dumps(report, indent=2))

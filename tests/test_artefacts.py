@@ -102,11 +102,23 @@ def test_crash_mid_write_keeps_previous_file(tmp_path, monkeypatch):
         raise OSError("disk full (simulated)")
 
     monkeypatch.setattr(artefacts, "save_file", half_then_crash)
-    with pytest.raises(OSError, match="simulated"):
-        r.save(path)
+    with pytest.raises(OSError, match="simulated"):  # an artefact written in one go
+        save_artefact(path, r.indices, "region", {"shapes": r.shapes})
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.safetensors"]  # no temp left
     monkeypatch.undo()
+
+    class CrashOnSecond(dict):  # a region written tensor by tensor fails after the first
+        def __getitem__(self, name):
+            if name != next(iter(self)):
+                raise OSError("disk full (simulated)")
+            return super().__getitem__(name)
+
+    r.indices = CrashOnSecond(r.indices)
+    with pytest.raises(OSError, match="simulated"):
+        r.save(path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.safetensors"]
     Region.load(path)  # still loads
 
 

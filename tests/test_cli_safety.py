@@ -518,7 +518,7 @@ def test_extract_and_monolingual_show_progress(work, unchanged, tmp_path, capsys
     extra = ["--quiet"] if quiet else []
     rc, out, err = run(capsys, "extract", "--importance", work / "imp.safetensors", "--out",
                        tmp_path / "t.safetensors", *extra)
-    assert rc == 0 and f"[load] {work / 'imp.safetensors'}" in out
+    assert rc == 0 and f"[read] {work / 'imp.safetensors'}" in out
     assert ("[extract] top" in err) == (not quiet), err
     rc, out, err = run(capsys, "monolingual", "--importance",
                        f"en={work / 'imp.en.safetensors'},fr={work / 'imp.fr.safetensors'}",

@@ -257,3 +257,19 @@ def test_fsdp2_two_process_shards_merge_to_single_process_artefact(tmp_path):
     # a missing rank is refused by name
     with pytest.raises(ArtefactError, match="ranks 0..1"):
         merge_shards([shard_path(out, 0, 2)], tmp_path / "bad.safetensors")
+
+
+def test_bf16_accumulator_scores_stay_bf16_and_select_as_widened():
+    """One process' bf16 accumulators give bf16 scores (their exact values, half the memory of
+    fp32 copies); regions and sums are those of the values widened to fp32."""
+    from conftest import random_batches
+
+    model = tiny_model("llama")
+    imp = compute_importance(model, random_batches(3), ImportanceConfig(dtype="bfloat16"),
+                             progress=False)
+    assert all(t.dtype == torch.bfloat16 for t in imp.scores.values())
+    wide = {n: t.float() for n, t in imp.scores.items()}
+    for scope in ("matrix", "global"):
+        a = regions.select(imp.scores, "top", 0.05, scope=scope)
+        b = regions.select(wide, "top", 0.05, scope=scope)
+        assert all(torch.equal(a.indices[n], b.indices[n]) for n in b.indices)

@@ -29,11 +29,14 @@ means, :data:`SITE`), ``active``, ``active_site`` (:data:`ACT_SITE` or :data:`SI
 
 Samples are written as soon as their batch is done (the safetensors header is laid out
 first, then the data streamed into a temporary file that replaces the target at the end), so
-memory stays bounded by one batch whatever the corpus size.
+memory stays bounded by one batch whatever the corpus size. Under a launcher (``accelerate
+launch``, ``torchrun``) the ranks capture batches round-robin and rank 0 writes the same file
+(:func:`capture`'s ``data_parallel``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -48,6 +51,7 @@ from lmeval_regions.artefacts import (METADATA_KEY, atomic_path, check_fingerpri
                                       model_fingerprint, read_metadata)
 from lmeval_regions.corpora.batches import batches
 from lmeval_regions.errors import ArtefactError, RegionsError
+from lmeval_regions.models import parallel
 from lmeval_regions.models.architecture import find_layout, find_mlp_activations
 
 KIND = "activations"
@@ -137,6 +141,54 @@ def _header(entries: list[tuple[str, str, list[int]]], meta: dict[str, Any]) -> 
     return struct.pack("<Q", len(raw)) + raw, offsets
 
 
+class _Writer:
+    """Writes each sample's pooled tensors at its place in the artefact (rank 0 only)."""
+
+    def __init__(self, f, base: int, offsets: dict[str, int], active: bool):
+        self.f, self.base, self.offsets, self.active = f, base, offsets, active
+
+    def put(self, keys: list[str], mean: torch.Tensor, pos: torch.Tensor | None,
+            ntok: torch.Tensor) -> None:
+        """``mean``/``pos``: ``(rows, L, I)`` fp32 on the CPU, ``ntok``: ``(rows,)``."""
+        f = self.f
+        for j, key in enumerate(keys):
+            f.seek(self.base + self.offsets[key])
+            f.write(mean[j].contiguous().numpy().tobytes())
+            if self.active:
+                f.seek(self.base + self.offsets[key + ".active"])
+                f.write(pos[j].contiguous().numpy().tobytes())
+            f.seek(self.base + self.offsets[key + ".tokens"])
+            f.write(struct.pack("<q", int(ntok[j])))
+
+
+def _gather_round(results: list, dp, batch_size: int, shape: tuple[int, int], active: bool,
+                  device: torch.device, writer: _Writer | None) -> None:
+    """Data parallel: send each rank's batch of this round (global batches ``r*world + k``,
+    ``k`` = the rank) to rank 0, which writes them in corpus order. ``results[k]`` is
+    ``(keys, mean, pos, ntok)``, the tensors only on rank ``k`` (None elsewhere)."""
+    import torch.distributed as dist
+
+    L, I = shape
+    fields = 2 if active else 1
+    payload = torch.zeros(batch_size, fields * L * I + 1, dtype=torch.float32, device=device)
+    if dp.rank < len(results):
+        _, mean, pos, ntok = results[dp.rank]
+        rows = mean.shape[0]
+        payload[:rows, :L * I] = mean.reshape(rows, -1)
+        if active:
+            payload[:rows, L * I:2 * L * I] = pos.reshape(rows, -1)
+        payload[:rows, -1] = ntok.to(torch.float32)  # token counts < 2^24: exact in fp32
+    got = [torch.empty_like(payload) for _ in range(dp.world_size)] if dp.main else None
+    dist.gather(payload, got, dst=0)
+    if writer is None:
+        return
+    for k, (keys, *_) in enumerate(results):
+        part = got[k][:len(keys)].cpu()
+        mean = part[:, :L * I].reshape(-1, L, I)
+        pos = part[:, L * I:2 * L * I].reshape(-1, L, I) if active else None
+        writer.put(keys, mean, pos, part[:, -1].round().long())
+
+
 def capture(
     model: nn.Module,
     tokenizer,
@@ -144,16 +196,28 @@ def capture(
     path: str | os.PathLike,
     config: ActivationConfig | None = None,
     progress: Callable[[int, int], None] | None = None,
+    data_parallel: bool | None = None,
 ) -> dict[str, Any]:
     """Run ``corpus`` (``lang -> [{"id", "text"}]``) through ``model`` and stream the pooled
     neuron activations of every layer to ``path``. Returns the artefact's metadata.
 
     Works on whatever device the model is on; ``model`` is put in eval mode for the run and
     every hook added here is removed afterwards, also on error.
+
+    ``data_parallel`` (None: when a process group of several processes exists and ``model``
+    holds plain tensors, :func:`models.data_parallel`): every rank passes the whole corpus;
+    batch ``i`` (over all languages, in order) is captured by rank ``i % world_size``
+    (round-robin, :mod:`models.parallel`); after each round of ``world_size`` batches rank 0
+    gathers them and writes the one artefact, identical to one process' (the others write
+    nothing and wait for it at the end).
     """
     config = config or ActivationConfig()
     if not corpus or any(not units for units in corpus.values()):
         raise RegionsError("capture needs at least one unit in every language of the corpus")
+    dp = parallel.data_parallel(model) if data_parallel is not False else None
+    if data_parallel and dp is None:
+        raise RegionsError("data_parallel=True needs a process group of more than one process "
+                           "and a model of plain tensors")
     layout = find_layout(model)
     L, I = layout.num_layers, layout.intermediate_size
     ids = {lang: [str(u["id"]) for u in units] for lang, units in corpus.items()}
@@ -184,7 +248,6 @@ def capture(
                 entries.append((f"{lang}/{i}.active", "F32", [L, I]))
             entries.append((f"{lang}/{i}.tokens", "I64", []))
     head, offsets = _header(entries, meta)
-    base = len(head)
 
     modules = dict(model.named_modules())
     pools = list({id(p): p for p in means + actives}.values())
@@ -194,49 +257,70 @@ def capture(
     model.eval()
     total = sum(len(v) for v in ids.values())
     done = 0
+
+    def forward(b: dict[str, torch.Tensor]):
+        """``(mean, pos, ntok)`` of one batch: ``(B, L, I)`` fp32 on the model's device."""
+        mask = b["attention_mask"].to(device)
+        for p in pools:
+            p.mask, p.calls = mask, 0
+        model(input_ids=b["input_ids"].to(device), attention_mask=mask)
+        for p in pools:
+            if p.calls != 1:
+                raise RegionsError(f"'{p.name}' ran {p.calls} times in one forward "
+                                   f"pass; expected once per layer")
+        mean = torch.stack([p.mean for p in means], 1)  # (B, L, I)
+        pos = torch.stack([p.pos for p in actives], 1) if actives else None
+        return mean, pos, b["attention_mask"].sum(1)
+
     try:
         for p in means:
             handles.append(modules[p.name].register_forward_pre_hook(p.pre))
         if actives is not means:
             for p in actives:
                 handles.append(modules[p.name].register_forward_hook(p.post))
-        with atomic_path(path) as tmp, open(tmp, "wb") as f, torch.no_grad():
-            f.write(head)
+        with contextlib.ExitStack() as stack, torch.no_grad():
+            writer = None
+            if dp is None or dp.main:  # only rank 0 writes
+                f = stack.enter_context(open(stack.enter_context(atomic_path(path)), "wb"))
+                f.write(head)
+                writer = _Writer(f, len(head), offsets, config.active)
+            index, round_ = 0, []
             for lang, units in corpus.items():
                 texts = [u["text"] for u in units]
                 keys = [f"{lang}/{i}" for i in ids[lang]]
                 start = 0
                 for b in batches(tokenizer, texts, config.batch_size, config.max_length):
-                    mask = b["attention_mask"].to(device)
-                    for p in pools:
-                        p.mask, p.calls = mask, 0
-                    model(input_ids=b["input_ids"].to(device), attention_mask=mask)
-                    for p in pools:
-                        if p.calls != 1:
-                            raise RegionsError(f"'{p.name}' ran {p.calls} times in one forward "
-                                               f"pass; expected once per layer")
-                    mean = torch.stack([p.mean for p in means], 1).cpu()  # (B, L, I)
-                    pos = torch.stack([p.pos for p in actives], 1).cpu() if actives else None
-                    ntok = b["attention_mask"].sum(1)
-                    for j in range(mean.shape[0]):
-                        key = keys[start + j]
-                        f.seek(base + offsets[key])
-                        f.write(mean[j].contiguous().numpy().tobytes())
-                        if pos is not None:
-                            f.seek(base + offsets[key + ".active"])
-                            f.write(pos[j].contiguous().numpy().tobytes())
-                        f.seek(base + offsets[key + ".tokens"])
-                        f.write(struct.pack("<q", int(ntok[j])))
-                    start += mean.shape[0]
-                    done += mean.shape[0]
-                    if progress:
+                    rows = int(b["input_ids"].shape[0])
+                    batch_keys = keys[start:start + rows]
+                    start += rows
+                    if dp is None:
+                        mean, pos, ntok = forward(b)
+                        writer.put(batch_keys, mean.cpu(), None if pos is None else pos.cpu(),
+                                   ntok)
+                    else:
+                        out = forward(b) if dp.mine(index) else (None, None, None)
+                        round_.append((batch_keys, *out))
+                        if len(round_) == dp.world_size:
+                            _gather_round(round_, dp, config.batch_size, (L, I), config.active,
+                                          device, writer)
+                            round_ = []
+                    index += 1
+                    done += rows
+                    if progress and writer is not None and (dp is None or not round_):
                         progress(done, total)
+            if round_:  # the last, partial round
+                _gather_round(round_, dp, config.batch_size, (L, I), config.active, device,
+                              writer)
+                if progress and writer is not None:
+                    progress(done, total)
     finally:
         for h in handles:
             h.remove()
         for p in pools:
             p.mask = p.mean = p.pos = None
         model.train(was_training)
+    if dp is not None:
+        parallel.barrier()  # the other ranks wait for rank 0's file
     return meta
 
 

@@ -24,6 +24,7 @@ instead.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
@@ -38,7 +39,7 @@ from lmeval_regions.artefacts import locked
 from lmeval_regions.cli.options import (Section, add_sections, build_sections, read_config_file,
                                         save_run_config)
 from lmeval_regions.errors import RegionsError
-from lmeval_regions.models import ModelConfig
+from lmeval_regions.models import ModelConfig, launcher
 
 # Modules under lmeval_regions.cli.commands; each defines COMMANDS: list[Command].
 GROUPS = ["core", "eval", "dims", "neurons", "studies", "data", "demo"]
@@ -77,6 +78,9 @@ class Command:
     """The path of the run's config file (beside an output file, or inside an output folder)."""
     files: Callable[[dict[str, Any]], Files] | None = None
     """What the command reads and writes (see :class:`Files`)."""
+    parallel: bool = False
+    """Runs data parallel under ``accelerate launch`` / ``torchrun`` (rank 0 writes); other
+    commands refuse to run in several processes."""
 
 
 @dataclass
@@ -138,14 +142,20 @@ def run_command(cmd: Command, ns: argparse.Namespace) -> int:
     files = cmd.files(sections) if cmd.files else Files()
     target = cmd.output(sections) if cmd.output else None
     outputs = [*files.outputs, *([str(target)] if target is not None else [])]
+    rank, world, _ = launcher()
+    if world > 1 and not cmd.parallel:
+        raise RegionsError(f"'{cmd.name}' runs in one process, but this is one of {world} "
+                           "launched processes (accelerate launch / torchrun): run it without "
+                           "the launcher (only importance and activations run data parallel)")
     # Lock first, then check: a writer that finished between our check and our lock would
-    # otherwise be overwritten without --overwrite.
-    with locked([*outputs, *files.folders]):
+    # otherwise be overwritten without --overwrite. Launched ranks: rank 0 holds the locks and
+    # writes; the others compute their share.
+    with locked([*outputs, *files.folders]) if rank == 0 else contextlib.nullcontext():
         check_files(files, outputs, run.overwrite)
         sections["run"] = run
         code = cmd.run(sections)
         del sections["run"]
-        if target is not None:
+        if target is not None and rank == 0:
             saved = save_run_config(target, cmd.name, sections)
             print(f"config: {saved}")
     return int(code or 0)

@@ -9,24 +9,26 @@ score (it would land in every Top region; an all-NaN matrix gives identical Top 
 and no criterion we compute can be negative, so a non-finite or negative entry is an error
 naming the parameter and the count, never a silently wrong region.
 
-Sums (paper 1's core score) run in bounded memory: :class:`ImportanceSum` keeps one fp32
-buffer per parameter however many parts are added, and :func:`combine_files` sums artefacts
-tensor by tensor into a file (one tensor of each input and one of the sum in memory).
+Sums (paper 1's core score) run in bounded memory: :func:`combine` keeps one fp32 buffer per
+parameter however many parts it is given (one part at a time from a generator), and
+:class:`SummedScores` reads the same sum over artefact files tensor by tensor (one tensor of
+each file and one of the sum in memory): :func:`combine_files` writes it, selection ranks it.
+:func:`combined_meta` is the one check (same model, parameters, criterion, snapshot) and
+provenance of a sum.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from lmeval_regions.artefacts import (LazyScores, check_fingerprint, check_same_model,
-                                      load_artefact, read_metadata, save_artefact,
-                                      write_safetensors)
+                                      load_artefact, read_metadata, write_safetensors)
 from lmeval_regions.errors import ArtefactError, RegionsError
 from lmeval_regions.importance.accumulator import CRITERIA
 
@@ -73,7 +75,8 @@ class Importance:
     """Importance scores ``name -> tensor`` (shape of the parameter) with their provenance."""
 
     scores: dict[str, torch.Tensor]
-    """``name -> scores`` shaped like the parameter (fp32 from a pass)."""
+    """``name -> scores`` shaped like the parameter (fp32 from a pass; bf16 from one process'
+    bf16 accumulators, whose values they are exactly)."""
     criterion: str
     """How the scores were made (see :data:`importance.CRITERIA`)."""
     model: dict[str, Any]
@@ -107,7 +110,11 @@ class Importance:
         }
 
     def save(self, path: str | os.PathLike) -> None:
-        save_artefact(path, self.scores, KIND, self.meta())
+        """Write the artefact atomically, tensor by tensor (one score tensor at a time is
+        copied to the host, whatever the model size)."""
+        layout = {n: (t.dtype, list(t.shape)) for n, t in self.scores.items()}
+        write_safetensors(path, layout, self.scores.__getitem__, self.meta(), kind=KIND)
+
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: nn.Module | None = None) -> "Importance":
@@ -158,95 +165,77 @@ def criterion_of(meta: Mapping[str, Any], path: Any = "importance", required: bo
     return c
 
 
-class ImportanceSum:
-    """Running per-entry sum of importances (paper 1's core score, Σ_l I_l): one fp32 buffer
-    per parameter however many parts are added, so a caller never holds every language's
-    scores at once (six languages x 6.5 B entries x 4 B would be 156 GB at 7B; the sum needs
-    26 GB).
-
-    Every part must share the first one's model, parameters (names and shapes), criterion and
-    snapshot count; the error names the part (``label``). Adding in order gives the same bits
-    as ``first + second + ...`` in fp32.
-    """
-
-    def __init__(self) -> None:
-        self.scores: dict[str, torch.Tensor] | None = None
-        """``name -> fp32 sum`` (None before the first part)."""
-        self.shapes: dict[str, list[int]] = {}
-        self.headers: list[Importance] = []
-        """The parts' provenance (their ``scores`` dropped)."""
-        self._labels: list[str] = []
-
-    def expect(self, part: Importance, shapes: Mapping[str, list[int]], label: str = "") -> None:
-        """Check ``part`` (its provenance; ``shapes`` = its parameters) against the parts so
-        far and record its provenance, without touching any scores."""
-        label = label or f"part {len(self.headers) + 1}"
-        if self.headers:
-            first, where = self.headers[0], f"{self._labels[0]} and {label}"
-            if part.model.get("sha256") != first.model.get("sha256"):
-                raise ArtefactError(f"cannot combine importances of different models: {where}")
-            if dict(shapes) != self.shapes:
-                diff = sorted(set(shapes) ^ set(self.shapes)) or sorted(
-                    n for n in shapes if list(shapes[n]) != list(self.shapes[n]))
-                raise ArtefactError(f"cannot combine importances over different parameters "
-                                    f"({where}): {diff[:3]}")
-            if part.criterion != first.criterion:
-                raise ArtefactError(f"cannot combine importance criteria '{first.criterion}' "
-                                    f"and '{part.criterion}' ({where})")
-            if part.snapshot != first.snapshot:
-                raise ArtefactError(f"cannot combine snapshots of {first.snapshot} and "
-                                    f"{part.snapshot} sequences (None: whole corpus; {where})")
-        else:
-            self.shapes = {n: list(v) for n, v in shapes.items()}
-        self.headers.append(replace(part, scores={}))
-        self._labels.append(label)
-
-    def add(self, part: Importance, label: str = "") -> None:
-        """Add ``part``'s scores into the running sum (it may be dropped afterwards)."""
-        self.expect(part, {n: list(t.shape) for n, t in part.scores.items()}, label)
-        if self.scores is None:
-            self.scores = {n: t.float().clone() for n, t in part.scores.items()}
-        else:
-            for n, t in part.scores.items():
-                self.scores[n] += t.float()
-
-    def meta(self) -> Importance:
-        """The sum's provenance (``scores`` left empty)."""
-        if not self.headers:
-            raise RegionsError("combine() needs at least one importance")
-        parts, first = self.headers, self.headers[0]
-        sizes = sorted({p.extra.get("batch_size") for p in parts}, key=str)
-        names = {p.extra.get("model_name") for p in parts}
-        return Importance(
-            scores={}, criterion=first.criterion, model=first.model,
-            languages=[l for p in parts for l in p.languages],
-            n_sequences=sum(p.n_sequences for p in parts),
-            n_tokens=sum(p.n_tokens for p in parts),
-            n_skipped=sum(p.n_skipped for p in parts),
-            sources=[s for p in parts for s in p.sources], snapshot=first.snapshot,
-            extra={"combined_from": [p.languages for p in parts],
-                   "batch_size": sizes[0] if len(sizes) == 1 else sizes,
-                   # the same model: the first part's logical-matrix record holds for the sum
-                   **({"layouts": first.extra["layouts"]} if "layouts" in first.extra else {}),
-                   **({"model_name": names.pop()} if len(names) == 1 and None not in names
-                      else {})},
-        )
-
-    def result(self) -> Importance:
-        """The sum as an :class:`Importance` (its scores are this object's buffers)."""
-        return replace(self.meta(), scores=self.scores if self.scores is not None else {})
+def combined_meta(docs: Sequence[Mapping[str, Any]], names: Sequence[Iterable[str]],
+                  labels: Sequence[str] | None = None) -> dict[str, Any]:
+    """The metadata of the per-entry sum of importances with metadata ``docs`` (as
+    :meth:`Importance.meta` or an artefact's header holds it) over parameters ``names``,
+    checked to share the model, the parameters, the criterion and the snapshot count.
+    ``labels`` name the parts in errors (e.g. their files)."""
+    if not docs:
+        raise RegionsError("combine() needs at least one importance")
+    labels = list(labels) if labels is not None else [f"part {i}" for i in range(len(docs))]
+    first, first_names = docs[0], set(names[0])
+    crit = criterion_of(first, labels[0])
+    for doc, ns, label in zip(docs[1:], names[1:], labels[1:]):
+        if doc["model"]["sha256"] != first["model"]["sha256"]:
+            raise ArtefactError(f"cannot combine importances computed on different models "
+                                f"({labels[0]}, {label})")
+        if set(ns) != first_names:
+            diff = sorted(set(ns) ^ first_names)
+            raise ArtefactError(f"cannot combine importances over different parameters "
+                                f"({labels[0]}, {label}): {diff[:3]}")
+        if criterion_of(doc, label) != crit:
+            raise ArtefactError(f"cannot combine importance criteria '{crit}' and "
+                                f"'{criterion_of(doc, label)}' ({labels[0]}, {label})")
+        if doc.get("snapshot") != first.get("snapshot"):
+            raise ArtefactError(f"cannot combine snapshots of {first.get('snapshot')} and "
+                                f"{doc.get('snapshot')} sequences (None: whole corpus)")
+    sizes = sorted({d.get("batch_size") for d in docs}, key=str)
+    model_names = {d.get("model_name") for d in docs}
+    return {
+        "criterion": crit, "model": first["model"],
+        "languages": [l for d in docs for l in d.get("languages", [])],
+        "n_sequences": sum(d.get("n_sequences", 0) for d in docs),
+        "n_tokens": sum(d.get("n_tokens", 0) for d in docs),
+        "n_skipped": sum(d.get("n_skipped", 0) for d in docs),
+        "sources": [x for d in docs for x in d.get("sources", [])],
+        "snapshot": first.get("snapshot"),
+        "combined_from": [d.get("languages", []) for d in docs],
+        "batch_size": sizes[0] if len(sizes) == 1 else sizes,
+        # the same model: the first part's logical-matrix record holds for the sum
+        **({"layouts": first["layouts"]} if "layouts" in first else {}),
+        # figure titles name the model: kept when every part names the same one
+        **({"model_name": model_names.pop()} if len(model_names) == 1 and None not in model_names
+           else {}),
+    }
 
 
 def combine(parts: Iterable[Importance]) -> Importance:
-    """Sum of per-language importances: paper 1's core-region score (Σ_l I_l, per entry).
+    """Sum of per-language importances: paper 1's core-region score (Σ_l I_l, per entry, in
+    fp32, parts added in order).
 
-    All parts must share the model, the parameters, the criterion and the snapshot count.
-    Parts are consumed one at a time (:class:`ImportanceSum`): pass a generator to hold one
-    part beside the sum."""
-    total = ImportanceSum()
-    for part in parts:
-        total.add(part)
-    return total.result()
+    All parts must share the model, the parameters (names and shapes), the criterion and the
+    snapshot count (:func:`combined_meta`). Parts are consumed one at a time: pass a generator
+    to hold one part beside the sum (six languages x 6.5 B entries x 4 B would be 156 GB at 7B;
+    the sum needs 26 GB)."""
+    total: dict[str, torch.Tensor] = {}
+    docs: list[dict[str, Any]] = []
+    names: list[list[str]] = []
+    for i, part in enumerate(parts):
+        docs.append(part.meta())
+        names.append(list(part.scores))
+        combined_meta(docs[:1] + docs[-1:], names[:1] + names[-1:], ["part 0", f"part {i}"])
+        for n, t in part.scores.items():
+            if n not in total:
+                total[n] = t.float().clone()
+            elif total[n].shape != t.shape:
+                raise ArtefactError(f"cannot combine importances over different parameters "
+                                    f"(part 0, part {i}): '{n}' has shapes "
+                                    f"{list(total[n].shape)} and {list(t.shape)}")
+            else:
+                total[n] += t.float()
+        del part  # one part alive at a time (the loop variable would hold it to the next)
+    return Importance.from_metadata(combined_meta(docs, names), "combine", total)
 
 
 def check_summable(paths: Iterable[str | os.PathLike], repeat_languages: bool = False) -> None:
@@ -287,27 +276,76 @@ def check_summable(paths: Iterable[str | os.PathLike], repeat_languages: bool = 
             owner.setdefault(lang, p)
 
 
+class SummedScores(Mapping[str, torch.Tensor]):
+    """:func:`combine` of importance artefacts, read tensor by tensor: ``name -> tensor`` like
+    :class:`~lmeval_regions.artefacts.LazyScores`, where reading a name reads that tensor from
+    each file and adds them in fp32, in file order (the very sums :func:`combine` makes).
+
+    Memory: the sum and one file's tensor of one parameter, whatever the number and size of
+    the files. One file is read as stored (a bf16 artefact stays bf16, as
+    :meth:`Importance.load` reads it).
+
+    Attributes:
+        paths: the files.
+        shapes: ``name -> shape`` (from the headers).
+        dtypes: ``name -> dtype`` of the tensors returned.
+        meta: the metadata :func:`combine` gives the sum (one file: its own).
+    """
+
+    def __init__(self, paths: Iterable[str | os.PathLike]):
+        self.paths = [Path(p) for p in paths]
+        if not self.paths:
+            raise RegionsError("combine() needs at least one importance")
+        self.parts = [lazy_scores(p) for p in self.paths]  # scores checked when read
+        first = self.parts[0]
+        if len(self.parts) == 1:
+            self.meta = dict(first.meta)
+            self.dtypes = dict(first.dtypes)
+        else:
+            self.meta = combined_meta([p.meta for p in self.parts], [list(p) for p in self.parts],
+                                      [str(p) for p in self.paths])
+            self.dtypes = dict.fromkeys(first, torch.float32)
+        self.shapes = dict(first.shapes)
+        for part, path in zip(self.parts[1:], self.paths[1:]):
+            for n, shape in part.shapes.items():
+                if shape != self.shapes[n]:
+                    raise ArtefactError(f"cannot combine '{self.paths[0]}' and '{path}': "
+                                        f"'{n}' has shapes {self.shapes[n]} and {shape}")
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if len(self.parts) == 1:
+            return self.parts[0][name]
+        total = self.parts[0][name].float()  # a new tensor (LazyScores reads into new memory)
+        for part in self.parts[1:]:
+            total += part[name].float()
+        return total
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.parts[0])
+
+    def __len__(self) -> int:
+        return len(self.parts[0])
+
+    def check(self, names: Iterable[str]) -> None:
+        """Raise naming the first of ``names`` without scores."""
+        self.parts[0].check(names)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the sum as an importance artefact, one tensor at a time."""
+        layout = {n: (self.dtypes[n], self.shapes[n]) for n in self}
+        meta = {k: v for k, v in self.meta.items() if k not in ("kind", "library_version")}
+        return write_safetensors(path, layout, self.__getitem__, meta, kind=KIND)
+
+
 def combine_files(paths: Iterable[str | os.PathLike], out: str | os.PathLike,
                   repeat_languages: bool = False) -> Importance:
-    """Sum importance files into ``out`` tensor by tensor (fp32; one tensor of each input and
-    one of the sum in memory), with the metadata :func:`combine` gives; checked first by
-    :func:`check_summable`. Returns the sum's provenance (``scores`` empty)."""
+    """Sum importance files into ``out`` tensor by tensor (:class:`SummedScores`: one tensor of
+    each input and one of the sum in memory), with the metadata :func:`combine` gives; checked
+    first by :func:`check_summable`. Returns the sum's provenance (``scores`` empty)."""
     paths = [Path(p) for p in paths]
     if not paths:
         raise RegionsError("combine needs at least one importance file")
     check_summable(paths, repeat_languages)
-    readers = [lazy_scores(p) for p in paths]
-    total = ImportanceSum()
-    for p, r in zip(paths, readers):
-        total.expect(Importance.from_metadata(r.meta, p, {}), r.shapes, f"'{p}'")
-
-    def produce(name: str) -> torch.Tensor:
-        out_t = readers[0][name].float()  # LazyScores returns memory of its own: sum in place
-        for r in readers[1:]:
-            out_t += r[name].float()
-        return out_t
-
-    meta = total.meta()
-    layout = {n: (torch.float32, shape) for n, shape in readers[0].shapes.items()}
-    write_safetensors(out, layout, produce, meta.meta(), kind=KIND)
-    return meta
+    summed = SummedScores(paths)
+    summed.save(out)
+    return Importance.from_metadata(summed.meta, out, {})

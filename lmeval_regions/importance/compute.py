@@ -24,6 +24,7 @@ from lmeval_regions.importance.accumulator import (CRITERIA, GRADIENT_CRITERIA,
                                                    ImportanceAccumulator)
 from lmeval_regions.importance.artefact import Importance
 from lmeval_regions.importance.criteria import InputNorms, magnitude_scores
+from lmeval_regions.models import parallel
 from lmeval_regions.models.architecture import block_parameters
 from lmeval_regions.models.module_map import matrix_layouts
 
@@ -233,9 +234,13 @@ class ImportancePass:
                          batch_size=self.batch_size)
 
     def finish(self, state: PassState, snapshot: int | None = None,
-               languages: list[str] | None = None, sources: list[dict[str, Any]] | None = None
-               ) -> list[Importance]:
-        """One :class:`Importance` per criterion (config order) from ``state``; new tensors.
+               languages: list[str] | None = None, sources: list[dict[str, Any]] | None = None,
+               take: bool = False) -> list[Importance]:
+        """One :class:`Importance` per criterion (config order) from ``state``; new tensors,
+        unless ``take``: then the sums of ``state`` become the scores (|·| in place), which
+        saves a copy when the pass is over. Gradient criteria's scores have the sums' dtype:
+        fp32, or bf16 from bf16 accumulators in one process (their exact values; selection
+        ranks them as stored and :func:`combine` adds them in fp32).
 
         ``magnitude`` and ``wanda`` read the weights as they are now.
         """
@@ -250,7 +255,9 @@ class ImportancePass:
         for c in cfg.criteria:
             if c in GRADIENT_CRITERIA:
                 raw = state.grads[c]
-                scores = {n: raw[n].float().abs() for n in self.params}  # abs copies
+                # |.| keeps the sums' dtype: fp32, or the bf16 accumulators' own (exact)
+                # values -- widening them would add no information and 4 bytes per entry
+                scores = {n: raw[n].abs_() if take else raw[n].abs() for n in self.params}
             elif c == "magnitude":
                 scores = magnitude_scores(self.params)
             else:
@@ -270,6 +277,50 @@ def _count_sequences(batches: Iterable[Mapping[str, torch.Tensor]]) -> int | Non
     return None
 
 
+def _ranks(model: nn.Module, data_parallel: bool | None) -> parallel.DataParallel | None:
+    """The data-parallel ranks to deal ``batches`` to (None: this process alone)."""
+    if data_parallel is False:
+        return None
+    dp = parallel.data_parallel(model)
+    if data_parallel and dp is None:
+        raise RegionsError("data_parallel=True needs a process group of more than one process "
+                           "and a model of plain tensors (FSDP2 shards: each rank passes its "
+                           "own batches, see importance.shards)")
+    return dp
+
+
+def _all_reduce_state(state: PassState, device: torch.device, digest: parallel.BatchDigest
+                      ) -> None:
+    """Sum fp32 ``state`` over the data-parallel ranks, in place; every rank calls it at the
+    same global batch."""
+    digest.check(device)  # first: ranks given different corpora fail together, none hangs
+    counts = torch.tensor([state.n_sequences, state.n_tokens, state.n_batches, state.n_skipped],
+                          dtype=torch.int64, device=device)
+    size = torch.tensor([state.batch_size], dtype=torch.int64, device=device)
+    parallel.all_reduce_(counts)
+    parallel.all_reduce_(size, "max")
+    # sum_abs: the SIGNED sums are added (|·| comes after, in finish); abs_sum, fisher: sums of
+    # per-batch terms; wanda: Σ x² per input feature
+    for sums in [*state.grads.values(), state.input_sq]:
+        for t in sums.values():
+            parallel.all_reduce_(t)
+    state.n_sequences, state.n_tokens, state.n_batches, state.n_skipped = counts.tolist()
+    state.batch_size = int(size)
+
+
+def _summed_state(run: ImportancePass, dp: parallel.DataParallel | None,
+                  digest: parallel.BatchDigest | None, final: bool) -> tuple[PassState, bool]:
+    """``(state over every rank's batches, whether finish may take its tensors)``. One process:
+    the live sums (taken once the pass is over). Data parallel: fp32 sums added over the ranks
+    (copies for a snapshot; at the end the fp32 buffers themselves, bf16 ones widened)."""
+    if dp is None:
+        return run.state(copy=False), final
+    state = run.state(copy=not final)
+    state.grads = {c: {n: t.float() for n, t in g.items()} for c, g in state.grads.items()}
+    _all_reduce_state(state, run.device, digest)
+    return state, True
+
+
 def iter_importances(
     model: nn.Module,
     batches: Iterable[Mapping[str, torch.Tensor]],
@@ -277,6 +328,7 @@ def iter_importances(
     languages: list[str] | None = None,
     sources: list[dict[str, Any]] | None = None,
     progress: bool = True,
+    data_parallel: bool | None = None,
 ) -> Iterator[Importance]:
     """Every criterion of ``config``, at each snapshot count and over the whole corpus, in ONE
     pass over ``batches``.
@@ -287,24 +339,51 @@ def iter_importances(
     (the corpus' first sequences), identical to a separate run over the same prefix of batches.
     While the generator is suspended the model is in eval mode with only included parameters
     requiring gradients (restored when it finishes or is closed).
+
+    ``data_parallel`` (None: when a process group of several processes exists and ``model``
+    holds plain tensors, :func:`models.data_parallel`): every rank passes the *whole* corpus,
+    the same ``batches``; batch ``i`` is computed by rank ``i % world_size`` (round-robin,
+    :mod:`models.parallel`), and at each snapshot and at the end the ranks' sums are added by
+    all_reduce, so every rank yields the importance of the whole corpus, equal to one process'
+    up to float summation order (fp32 accumulators; bf16 ones round stochastically per rank).
+    Ranks given different batches are refused. ``False``: each rank scores what it is given.
     """
     from tqdm.auto import tqdm
 
     config = config or ImportanceConfig()
+    dp = _ranks(model, data_parallel)
     total = _count_sequences(batches)
     if total is not None and config.snapshots and config.snapshots[-1] > total:
         raise RegionsError(f"snapshot at {config.snapshots[-1]} sequences, but the corpus has "
                            f"{total}; expected counts <= {total}")
     pending = list(config.snapshots)
+    digest = parallel.BatchDigest() if dp is not None else None
+    seen = 0  # sequences of the corpus so far, on every rank (the snapshot clock)
+    shown = progress and (dp is None or dp.main)
+    extra = {} if dp is None else {"data_parallel": {"world_size": dp.world_size,
+                                                     "dealing": "round-robin"}}
+
+    def finish(snapshot: int | None) -> list[Importance]:
+        state, take = _summed_state(run, dp, digest, final=snapshot is None)
+        if snapshot is None and pending:
+            raise RegionsError(f"snapshots {pending} were not reached: the corpus has {seen} "
+                               "sequences")
+        out = run.finish(state, snapshot, languages, sources, take)
+        for imp in out:
+            imp.extra.update(extra)
+        return out
+
     with ImportancePass(model, config) as run:
-        for batch in tqdm(batches, desc="importance", unit="batch", disable=not progress):
-            run.step(batch)
-            while pending and run.n_sequences >= pending[0]:
-                yield from run.finish(run.state(copy=False), pending.pop(0), languages, sources)
-        if pending:
-            raise RegionsError(f"snapshots {pending} were not reached: the corpus has "
-                               f"{run.n_sequences} sequences")
-        yield from run.finish(run.state(copy=False), None, languages, sources)
+        for i, batch in enumerate(tqdm(batches, desc="importance", unit="batch",
+                                       disable=not shown)):
+            if dp is None or dp.mine(i):
+                run.step(batch)
+            if digest is not None:
+                digest.update(batch)
+            seen += int(batch["input_ids"].shape[0])
+            while pending and seen >= pending[0]:
+                yield from finish(pending.pop(0))
+        yield from finish(None)
 
 
 def compute_importance(
@@ -314,6 +393,7 @@ def compute_importance(
     languages: list[str] | None = None,
     sources: list[dict[str, Any]] | None = None,
     progress: bool = True,
+    data_parallel: bool | None = None,
 ) -> Importance:
     """Importance of one criterion over ``batches`` (dicts with ``input_ids``,
     ``attention_mask``, ``labels``; labels -100 are ignored) without changing any weight.
@@ -321,12 +401,13 @@ def compute_importance(
     The default criterion is paper 1's ``sum_abs``. Only included parameters get gradients
     (others are frozen for the duration), which keeps memory to the accumulators plus the
     included parameters' gradients. For several criteria or snapshots use
-    :func:`iter_importances`.
+    :func:`iter_importances` (which also explains ``data_parallel``).
     """
     config = config or ImportanceConfig()
     if len(config.criteria) != 1 or config.snapshots:
         raise RegionsError(f"compute_importance() returns one artefact, but the config asks for "
                            f"criteria {config.criteria} and snapshots {config.snapshots}: use "
                            "iter_importances()")
-    *_, final = iter_importances(model, batches, config, languages, sources, progress)
+    *_, final = iter_importances(model, batches, config, languages, sources, progress,
+                                 data_parallel)
     return final

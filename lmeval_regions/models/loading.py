@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from lmeval_regions.errors import RegionsError, did_you_mean
 from lmeval_regions.models.embedded import DEFAULT_MODEL, EMBEDDED, resolve_pretrained
+from lmeval_regions.models.parallel import launched_device
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -59,15 +60,17 @@ class ModelConfig:
 
     def resolved_device(self) -> str:
         """The device to use: ``auto`` becomes cuda when available, else cpu; a CUDA device on
-        a machine without one is an error naming it."""
+        a machine without one is an error naming it. Under a launcher of several processes
+        (``accelerate launch``, ``torchrun``) ``cuda`` is each process' own GPU,
+        ``cuda:LOCAL_RANK``."""
         import torch
 
         if self.device == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
+            return launched_device("cuda") if torch.cuda.is_available() else "cpu"
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise RegionsError(f"device '{self.device}' was asked for, but torch sees no CUDA "
                                "device here; use --device cpu (or auto)")
-        return self.device
+        return launched_device(self.device)
 
     def path(self) -> str:
         """Local folder of an embedded model (converted once), else ``model`` unchanged."""

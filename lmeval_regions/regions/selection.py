@@ -13,14 +13,15 @@ needed here; per row means per logical output row (a GPT-2 ``Conv1D`` weight is 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
-from typing import Any, Iterable, Literal, Mapping
+from typing import Any, Iterable, Literal, Mapping, Sequence
 
 import torch
 
 from lmeval_regions.errors import ArtefactError, RegionsError, did_you_mean
-from lmeval_regions.importance import criterion_of, lazy_scores
+from lmeval_regions.importance import SummedScores, criterion_of, lazy_scores
 from lmeval_regions.regions.ranking import (METHODS, check_ratio, n_select, seed_for,
                                             select_flat, select_global)
 from lmeval_regions.regions.region import Region, index_dtype
@@ -207,22 +208,85 @@ def select_from_importance(importance, method: Method, ratio: float, scope: Scop
 
 
 def select_file(path: str | os.PathLike, method: str, ratio: float, scope: str = "matrix",
-                seed: int = 0, names: Iterable[str] | None = None, fused: Fused = "split"):
+                seed: int = 0, names: Iterable[str] | None = None, fused: Fused = "split",
+                progress: str | None = None):
     """:func:`regions.select` over an importance artefact read tensor by tensor.
 
     The region keeps the artefact's model fingerprint and provenance, as
     :func:`regions.select_from_importance` does for an in-memory importance, and splits fused
     parameters by the artefact's ``layouts`` metadata. Each tensor's scores are checked as it
-    is read (:func:`importance.check_scores`: no NaN/inf, no negative entry).
+    is read (:func:`importance.check_scores`: no NaN/inf, no negative entry). ``progress``:
+    the description of a progress bar counting the parameters read (None: no bar; the
+    ``TQDM_DISABLE`` environment variable silences it).
     """
     scores = lazy_scores(path)
     if names is not None:
         names = list(names)
         scores.check(names)
+    with _read_progress(scores, progress):
+        return _select_lazy(scores, {"file": str(path)}, method, ratio, scope, seed, names,
+                            fused)
+
+
+@contextlib.contextmanager
+def _read_progress(scores, desc: str | None):
+    """A tqdm bar advanced the first time each parameter of the lazy ``scores`` is read
+    (through its reader's ``validate`` callback, which :class:`~lmeval_regions.artefacts.
+    LazyScores` calls once per tensor); restored and closed on exit."""
+    if desc is None:
+        yield
+        return
+    from tqdm.auto import tqdm
+
+    reader = scores.parts[0] if isinstance(scores, SummedScores) else scores
+    check = reader.validate
+    quiet = os.environ.get("TQDM_DISABLE", "") not in ("", "0")  # --quiet, read at each call
+    bar = tqdm(total=len(reader), desc=desc, unit="tensor", leave=False, disable=quiet)
+
+    def validate(name: str, tensor: torch.Tensor) -> None:
+        if check is not None:
+            check(name, tensor)
+        bar.update(1)
+
+    reader.validate = validate
+    try:
+        yield
+    finally:
+        reader.validate = check
+        bar.close()
+
+
+def _select_lazy(scores, where: dict[str, Any], method: str, ratio: float, scope: str,
+                 seed: int, names: list[str] | None, fused: Fused) -> Region:
+    """:func:`select` over a lazy mapping with artefact metadata ``scores.meta``, keeping
+    its model fingerprint and provenance (plus ``where``: the file or files)."""
     meta = scores.meta
-    source = {"file": str(path), "languages": meta.get("languages", []),
-              "criterion": criterion_of(meta, path, required=False),
+    source = {**where, "languages": meta.get("languages", []),
+              "criterion": criterion_of(meta, where, required=False),
               "snapshot": meta.get("snapshot"), "n_sequences": meta.get("n_sequences"),
               "n_tokens": meta.get("n_tokens")}
     return select(scores, method, ratio, scope, seed, meta.get("model", {}), names, source,
                   fused, meta.get("layouts"))
+
+
+def select_files(paths: Sequence[str | os.PathLike], method: str, ratio: float,
+                 scope: str = "matrix", seed: int = 0, names: Iterable[str] | None = None,
+                 fused: Fused = "split", progress: str | None = None) -> Region:
+    """:func:`select_file` over the per-entry sum of several importance artefacts (paper 1's
+    core score), read tensor by tensor (:class:`importance.SummedScores`): memory is one
+    parameter's summed scores plus the selected indices, whatever the files' sizes.
+
+    The region is the one :func:`select_from_importance` gives on :func:`importance.combine`
+    of the loaded files (the same fp32 sums, the same provenance); one file is
+    :func:`select_file`.
+    """
+    paths = list(paths)
+    if len(paths) == 1:
+        return select_file(paths[0], method, ratio, scope, seed, names, fused, progress)
+    scores = SummedScores(paths)
+    if names is not None:
+        names = list(names)
+        scores.check(names)
+    with _read_progress(scores, progress):
+        return _select_lazy(scores, {"files": [str(p) for p in paths]}, method, ratio, scope,
+                            seed, names, fused)

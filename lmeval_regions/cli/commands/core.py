@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -135,12 +134,23 @@ def importance_outputs(s: dict[str, Any]) -> tuple[dict[str, dict[tuple, Path]],
 
 
 def run_importance(s: dict[str, Any]) -> int:
+    from lmeval_regions.models import launched
+
+    model: ModelConfig = s["model"]
+    # Under accelerate launch / torchrun every rank reads the whole corpus and computes its
+    # round-robin share of the batches; the sums are added over the ranks; rank 0 writes.
+    with launched(model.resolved_device(), model.device_map) as dp:
+        _importance_languages(s, dp)
+    return 0
+
+
+def _importance_languages(s: dict[str, Any], dp) -> None:
     from dataclasses import asdict
 
     from lmeval_regions.artefacts import read_metadata
     from lmeval_regions.corpora import fingerprint
-    from lmeval_regions.importance import Importance, ImportanceSum, iter_importances
-    from lmeval_regions.models import load_model
+    from lmeval_regions.importance import Importance, SummedScores, combine, iter_importances
+    from lmeval_regions.models import barrier, load_model
 
     corpus: CorpusConfig = s["corpus"]
     corpus.check()  # a bad corpus fails before the (slow) model load
@@ -148,9 +158,9 @@ def run_importance(s: dict[str, Any]) -> int:
         corpus.load()  # units mode: every language has its units
     per_lang, sums = importance_outputs(s)
     sources = corpus.sources()
+    writes = dp is None or dp.main
     model = tok = None
-    # One running sum per variant: a language's scores are added and dropped, never all kept.
-    running: dict[tuple, ImportanceSum] = {v: ImportanceSum() for v in sums}
+    single: dict[tuple, Importance] = {}  # one language and --combine: its importance is the sum
     for lang in corpus.langs:
         targets = per_lang.get(lang, {})
         # what this language's scores depend on: files made from the same are reused
@@ -161,37 +171,44 @@ def run_importance(s: dict[str, Any]) -> int:
         existing = [p for p in targets.values() if p.exists()]
         if targets and len(existing) == len(targets) and all(
                 read_metadata(p, "importance").get("run") == key for p in existing):
-            print(f"[importance] {lang}: reused {', '.join(map(str, existing))}", flush=True)
-            for v, p in targets.items():
-                if v in running:
-                    running[v].add(Importance.load(p), f"'{p}'")
+            if writes:
+                print(f"[importance] {lang}: reused {', '.join(map(str, existing))}",
+                      flush=True)
             continue
         if existing and not s["run"].overwrite:
             raise RegionsError(f"'{existing[0]}' exists but was made from other inputs; pass "
                                "--overwrite to recompute it, or give another --out")
         if model is None:
             model, tok = load_model(s["model"])
+            if dp is not None:
+                print(f"[importance] rank {dp.rank} of {dp.world_size}: batches i with "
+                      f"i % {dp.world_size} == {dp.rank} (round-robin)", flush=True)
         stream = corpus.streams(tok)[lang]
-        print(f"[importance] {lang}: {stream.provenance['amount']} from "
-              f"{stream.provenance['source']}", flush=True)
+        if writes:
+            print(f"[importance] {lang}: {stream.provenance['amount']} from "
+                  f"{stream.provenance['source']}", flush=True)
         for imp in iter_importances(model, stream, s["importance"], languages=[lang],
-                                    sources=[stream.provenance], progress=not s["run"].quiet):
+                                    sources=[stream.provenance], progress=writes and not s["run"].quiet):
             imp.extra["run"] = key
             imp.extra["model_name"] = s["model"].model
             variant = (imp.criterion, imp.snapshot)
-            if variant in targets:
+            if variant in targets and writes:
                 imp.save(targets[variant])
                 print(f"wrote {targets[variant]} ({imp.n_sequences} sequences, {imp.n_tokens} "
                       f"tokens, {imp.n_skipped} skipped)")
-            if variant in running:
-                running[variant].add(imp, lang)
+            if not targets and variant in sums:
+                single[variant] = imp
         imp = None  # the loop variable would keep this language's scores alive through the next
-    for variant, path in sums.items():
-        total = running[variant].result()
+    for variant, path in sums.items() if writes else ():
+        # Several languages: summed from their files one tensor at a time (memory: one
+        # parameter's scores, not one importance per language).
+        total = (combine([single[variant]]) if variant in single else
+                 SummedScores([per_lang[lang][variant] for lang in corpus.langs]))
         total.save(path)
-        print(f"wrote {path} (sum over {','.join(corpus.langs)}: {total.n_sequences} "
-              f"sequences, {total.n_tokens} tokens)")
-    return 0
+        meta = total.meta() if variant in single else total.meta
+        print(f"wrote {path} (sum over {','.join(corpus.langs)}: {meta['n_sequences']} "
+              f"sequences, {meta['n_tokens']} tokens)")
+    barrier()  # the other ranks wait for rank 0's files
 
 
 # ---- combine -------------------------------------------------------------------------------
@@ -259,57 +276,22 @@ class ExtractArgs:
         check_ratio(self.ratio)  # a bad --ratio fails before any file is read
 
 
-def _load_importance(files: tuple[str, ...]):
-    """One importance file, or several summed (paper 1's core score), one file at a time."""
-    from lmeval_regions.importance import Importance, combine
-
-    print(f"[load] {', '.join(files)}", flush=True)
-    return combine(Importance.load(f) for f in files)
-
-
-def _with_progress(imp, desc: str):
-    """``imp`` whose scores tick a progress bar as selection reads each tensor."""
-    return replace(imp, scores=ProgressScores(imp.scores, desc))
-
-
-class ProgressScores(Mapping):
-    """A read-only ``name -> tensor`` view that advances a tqdm bar on every tensor read (a
-    global selection reads each tensor 2-3 times: the bar then counts reads)."""
-
-    def __init__(self, scores: Mapping, desc: str) -> None:
-        import os
-
-        from tqdm.auto import tqdm
-
-        self.scores = scores
-        quiet = os.environ.get("TQDM_DISABLE", "") not in ("", "0")  # --quiet
-        self.bar = tqdm(total=len(scores), desc=desc, unit="tensor", leave=False,
-                        disable=quiet)
-
-    def __getitem__(self, name):
-        out = self.scores[name]
-        self.bar.update(1)
-        return out
-
-    def __iter__(self):
-        return iter(self.scores)
-
-    def __len__(self) -> int:
-        return len(self.scores)
-
-
 def run_extract(s: dict[str, Any]) -> int:
-    from lmeval_regions.regions import select_from_importance
+    from lmeval_regions.artefacts import read_metadata
+    from lmeval_regions.regions import select_files
 
     args: ExtractArgs = s["args"]
     sel: SelectionConfig = s["selection"]
-    imp = _load_importance(args.importance)
-    region = select_from_importance(_with_progress(imp, f"[extract] {args.method}"), args.method,
-                                    args.ratio, sel.scope, sel.seed, sel.fused)
+    # Read tensor by tensor (several files summed one parameter at a time): memory is one
+    # parameter's scores plus the selected indices, whatever the model's size.
+    print(f"[read] {', '.join(args.importance)}", flush=True)
+    region = select_files(args.importance, args.method, args.ratio, sel.scope, sel.seed,
+                          fused=sel.fused, progress=f"[extract] {args.method}")
     region.spec["importance_files"] = list(args.importance)
-    region.spec["model_name"] = imp.extra.get("model_name")  # figure titles name the model
+    # figure titles name the model
+    region.spec["model_name"] = read_metadata(args.importance[0], "importance").get("model_name")
     region.save(args.out)
-    total = sum(t.numel() for t in imp.scores.values())
+    total = sum(math.prod(shape) for shape in region.shapes.values())
     print(f"wrote {args.out}: {args.method} {args.ratio:g} per {sel.scope}, "
           f"{region.numel()} of {total} entries ({100 * region.numel() / total:.3f}%) "
           f"in {len(region.indices)} parameters")
@@ -449,20 +431,19 @@ class MonolingualArgs:
 
 
 def run_monolingual(s: dict[str, Any]) -> int:
-    from lmeval_regions.regions import monolingual, select_from_importance
+    from lmeval_regions.regions import monolingual, select_files
 
     args: MonolingualArgs = s["args"]
     sel: SelectionConfig = s["selection"]
     tops, bottoms = {}, {}
     langs = args.files()
-    for i, (lang, paths) in enumerate(langs.items()):
-        imp = _load_importance(tuple(paths))
-        tops[lang] = select_from_importance(
-            _with_progress(imp, f"[monolingual] {lang} top ({i + 1}/{len(langs)})"), "top",
-            args.ratio, sel.scope, sel.seed, sel.fused)
-        bottoms[lang] = select_from_importance(
-            _with_progress(imp, f"[monolingual] {lang} bottom ({i + 1}/{len(langs)})"), "bottom",
-            args.ratio, sel.scope, sel.seed, sel.fused)
+    for i, (lang, paths) in enumerate(langs.items()):  # per language, read tensor by tensor
+        tops[lang] = select_files(paths, "top", args.ratio, sel.scope, sel.seed,
+                                  fused=sel.fused,
+                                  progress=f"[monolingual] {lang} top ({i + 1}/{len(langs)})")
+        bottoms[lang] = select_files(
+            paths, "bottom", args.ratio, sel.scope, sel.seed, fused=sel.fused,
+            progress=f"[monolingual] {lang} bottom ({i + 1}/{len(langs)})")
     mono = monolingual(tops, bottoms)
     out_dir = Path(args.out_dir)
     print(f"{'lang':<6} {'top':>10} {'mono top':>10} {'bottom':>10} {'mono bottom':>12}")
@@ -621,9 +602,12 @@ COMMANDS = [
             "  lmeval-regions importance --langs ar,es --out 'imp_{lang}.safetensors' \\\n"
             "      --device cuda --dtype bfloat16\n"
             "  lmeval-regions importance --criteria sum_abs,fisher,wanda --snapshots 10,20 \\\n"
-            "      --out imp.safetensors --combine   # imp.ar.fisher.n10.safetensors ...",
+            "      --out imp.safetensors --combine   # imp.ar.fisher.n10.safetensors ...\n"
+            "  accelerate launch --multi_gpu --num_processes 8 -m lmeval_regions.cli \\\n"
+            "      importance --device cuda --dtype bfloat16 ...   # data parallel, 8 GPUs",
             [MODEL, CORPUS, ("importance", ImportanceConfig), ("args", ImportanceArgs)],
-            run_importance, lambda s: config_beside(s["args"].out), _importance_files),
+            run_importance, lambda s: config_beside(s["args"].out), _importance_files,
+            parallel=True),
     Command("combine", "sum importance files (e.g. per-language into the core score)",
             "Sum importance files of the same model and mode.\n\n"
             "example: lmeval-regions combine imp.ar.safetensors imp.es.safetensors "

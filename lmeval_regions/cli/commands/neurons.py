@@ -52,15 +52,22 @@ class ActivationsArgs:
 
 def run_activations(s: dict[str, Any]) -> int:
     from lmeval_regions.activations import capture
-    from lmeval_regions.models import load_model
+    from lmeval_regions.models import launched, load_model
 
     corpus: CorpusConfig = s["corpus"]
     data = corpus.load()
-    model, tok = load_model(s["model"])
-    meta = capture(model, tok, data, s["args"].out, _capture_config(s),
-                   _progress("activations"))
-    print(f"wrote {s['args'].out}: {len(meta['languages'])} languages x {corpus.units} units, "
-          f"{len(meta['layers'])} layers x {meta['neurons']} neurons")
+    # Under accelerate launch / torchrun: batches round-robin over the ranks, rank 0 writes.
+    with launched(s["model"].resolved_device(), s["model"].device_map) as dp:
+        model, tok = load_model(s["model"])
+        main = dp is None or dp.main
+        if dp is not None:
+            print(f"[activations] rank {dp.rank} of {dp.world_size}: batches i with "
+                  f"i % {dp.world_size} == {dp.rank} (round-robin)", flush=True)
+        meta = capture(model, tok, data, s["args"].out, _capture_config(s),
+                       _progress("activations") if main else None)
+    if main:
+        print(f"wrote {s['args'].out}: {len(meta['languages'])} languages x {corpus.units} "
+              f"units, {len(meta['layers'])} layers x {meta['neurons']} neurons")
     return 0
 
 
@@ -189,9 +196,13 @@ COMMANDS = [
     Command("activations", "capture pooled MLP neuron activations (paper 2)",
             "Run the corpus through the model and store, per sample, the mean activation of\n"
             "every MLP neuron of every layer (input of the down projection), streamed to disk.\n\n"
-            "example: lmeval-regions activations --langs all --units 12 --out acts.safetensors",
+            "examples:\n"
+            "  lmeval-regions activations --langs all --units 12 --out acts.safetensors\n"
+            "  accelerate launch --multi_gpu --num_processes 8 -m lmeval_regions.cli \\\n"
+            "      activations --device cuda --dtype bfloat16 ...   # data parallel",
             [MODEL, CORPUS, CAPTURE, ("args", ActivationsArgs)], run_activations,
-            lambda s: config_beside(s["args"].out), lambda s: Files(outputs=[s["args"].out])),
+            lambda s: config_beside(s["args"].out), lambda s: Files(outputs=[s["args"].out]),
+            parallel=True),
     Command("neurons", "paper 2 analysis: similarity, LRDS/SADS, key neurons, LAPE, "
             "deactivation table, report",
             "Capture activations (or reuse --activations), then: similarity map, LRDS/SADS\n"
