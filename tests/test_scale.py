@@ -66,6 +66,83 @@ def test_radix_selection_equals_stable_sort(monkeypatch, dtype, chunk):
                 assert m.indices[n].tolist() == _brute(scores, [n], method, ratio), (method, n)
 
 
+def _edge_scores(dtype, seed=0):
+    """Tensors mixing ties, signs, -0.0, +-inf and NaN (non-negative-only ones too, which are
+    ranked on their raw bit patterns), with sizes that straddle chunk boundaries."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(9, 11, generator=g)
+    a[0, :4] = torch.tensor([-0.0, 0.0, float("inf"), float("-inf")])
+    a[1, 2], a[3, 3], a[5, 0] = float("nan"), float("nan"), -float("nan")
+    b = torch.randint(0, 3, (6, 13), generator=g).float()  # few values: many ties
+    c = torch.rand(29, generator=g) * 1e-3  # non-negative, no NaN: raw-pattern keys
+    d = torch.rand(7, 8, generator=g)
+    d[2, 5] = float("nan")  # non-negative with a NaN
+    e = torch.full((40,), 0.5)  # one value: all tied
+    return {n: t.to(dtype) for n, t in zip("abcde", (a, b, c, d, e))}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("chunk", [7, 4096])
+def test_ranking_equals_stable_sort_on_edge_values(monkeypatch, dtype, workers, chunk):
+    # Every scope/method/ratio against brute-force stable sorts, including NaN (ranked above
+    # +inf, tied among themselves), -0.0 == 0.0, infinities, constant tensors; with several
+    # threads (ties are still counted in position order) and tiny chunks.
+    monkeypatch.setattr(ranking, "CHUNK", chunk)
+    monkeypatch.setattr(ranking, "WORKERS", workers)
+    monkeypatch.setattr(ranking, "SORT_LIMIT", 0)
+    scores = _edge_scores(dtype)
+    names = list(scores)
+    for method in ("top", "bottom", "middle"):
+        for ratio in (0.01, 0.13, 0.5, 0.999, 1.0):
+            r = regions.select(scores, method, ratio, scope="global")
+            assert _flat(r, scores, names) == _brute(scores, names, method, ratio), (method, ratio)
+            m = regions.select(scores, method, ratio, scope="matrix")
+            for n in names:
+                assert m.indices[n].tolist() == _brute(scores, [n], method, ratio), (method, n)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_select_flat_splits_one_tensor_between_workers(monkeypatch, workers):
+    # One large in-memory tensor is shared between the threads in ranges: same ranks.
+    monkeypatch.setattr(ranking, "CHUNK", 50)
+    monkeypatch.setattr(ranking, "WORKERS", workers)
+    monkeypatch.setattr(ranking, "SORT_LIMIT", 0)
+    g = torch.Generator().manual_seed(4)
+    for x in (torch.randint(0, 20, (1013,), generator=g).float(),
+              torch.randn(1013, generator=g).to(torch.bfloat16)):
+        for method in ("top", "bottom", "middle"):
+            for k in (1, 37, 500, 1013):
+                got = ranking.select_flat(x, k, method, 0)
+                assert got.tolist() == _brute({"x": x}, ["x"], method, k / 1013), (method, k)
+
+
+@pytest.mark.parametrize("n,k", [(2, 1), (10, 9), (1000, 10), (1000, 999), (70001, 1),
+                                 (70001, 3500), (262144, 70000)])
+def test_randperm_prefix_is_torch_randperm(n, k):
+    # Random regions are the first k of torch's seeded permutation (the regions made before
+    # the prefix computation existed), computed in O(k log k).
+    for seed in (0, 1, 2**40 + 7):
+        g = torch.Generator().manual_seed(seed)
+        want = torch.sort(torch.randperm(n, generator=g)[:k]).values
+        assert torch.equal(ranking.randperm_prefix(n, k, seed), want), (n, k, seed)
+        assert torch.equal(ranking.select_flat(torch.empty(n), k, "random", seed), want)
+
+
+def test_per_matrix_random_reads_no_scores():
+    class Counting(dict):
+        reads = 0
+
+        def __getitem__(self, name):
+            Counting.reads += 1
+            return super().__getitem__(name)
+
+    scores = Counting(a=torch.rand(300, 400), b=torch.rand(50))
+    scores.shapes = {"a": [300, 400], "b": [50]}  # as LazyScores knows them from the header
+    r = regions.select(scores, "random", 0.1, scope="matrix", seed=1)
+    assert Counting.reads == 0 and r.counts() == {"a": 12000, "b": 5}
+
+
 def _tiny_importance(tmp_path, dtype=torch.float32):
     model = tiny_model("llama")
     from conftest import random_batches
