@@ -156,7 +156,7 @@ def test_table_command_tiny_grid(tiny_lm_dir, shared_data, tmp_path):
     assert "| Language | Base | Top 5% | Random 5% |" in (out / "table.md").read_text()
 
     manager = TaskManager(include_path=str(tasks), include_defaults=False)
-    for col, extra in (("Base", {}), ("Top 5%", {"region": str(out / "regions" / "top_0.05_matrix_s0.safetensors")})):
+    for col, extra in (("Base", {}), ("Top 5%", {"region": str(out / "regions" / "top_0.05_matrix_split_s0.safetensors")})):
         res = lm_eval.simple_evaluate(
             model="hf-regions", model_args={"pretrained": str(tiny_lm_dir), "dtype": "float32", **extra},
             tasks=["tiny_ppl_en", "tiny_ppl_fr"], task_manager=manager, batch_size=1, device="cpu")
