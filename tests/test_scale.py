@@ -334,3 +334,26 @@ def test_fsdp2_two_process_shards_merge_to_single_process_artefact(tmp_path):
     # a missing rank is refused by name
     with pytest.raises(ArtefactError, match="ranks 0..1"):
         merge_shards([shard_path(out, 0, 2)], tmp_path / "bad.safetensors")
+
+
+def test_lazy_scores_membership_and_transient_reads(tmp_path):
+    # `name in scores` reads nothing; inside transient_reads a thread's reads share a buffer
+    # (each tensor valid until that thread's next read), and selection gives the same region.
+    imp, path = _tiny_importance(tmp_path, torch.bfloat16)
+    lazy = LazyScores(path)
+    reads = []
+    real = lazy._memory
+    lazy._memory = lambda name: reads.append(name) or real(name)
+    names = list(lazy)
+    assert all(n in lazy for n in names) and "nope" not in lazy and reads == []
+    with lazy.transient_reads():
+        a, b = lazy[names[0]], lazy[names[1]]
+        assert a.data_ptr() == b.data_ptr()  # the same buffer
+        assert torch.equal(b, imp.scores[names[1]])
+    c, d = lazy[names[0]], lazy[names[1]]
+    assert c.data_ptr() != d.data_ptr() and torch.equal(c, imp.scores[names[0]])
+    loaded = Importance.load(path).scores  # file order: ties across parameters break by it
+    for scope in ("matrix", "global", "row"):
+        r = regions.select(lazy, "top", 0.05, scope=scope)
+        m = regions.select(loaded, "top", 0.05, scope=scope)
+        assert all(torch.equal(r.indices[n], m.indices[n]) for n in m.indices), scope

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Iterable, Literal, Mapping
 
@@ -145,6 +146,14 @@ def select(
     for n in names:
         if n not in scores:
             raise RegionsError(f"no scores for parameter '{n}'." + did_you_mean(n, scores))
+    # Every tensor read below is done with before the same thread reads another: a lazy
+    # mapping may serve the reads from one buffer per thread.
+    transient = getattr(scores, "transient_reads", None)
+    with transient() if callable(transient) else nullcontext():
+        return _select(scores, method, ratio, scope, seed, model, names, source, fused, layouts)
+
+
+def _select(scores, method, ratio, scope, seed, model, names, source, fused, layouts) -> Region:
     indices: dict[str, torch.Tensor] = {}
     shapes: dict[str, list[int]] = {}
     split: dict[str, list[str]] = {}
