@@ -1,4 +1,4 @@
-"""Top-3% selection over a synthetic importance artefact shaped like LLaMA-2-7B's block weights.
+"""Selection over a synthetic importance artefact shaped like LLaMA-2-7B's block weights.
 
 32 layers x (q, k, v, o: 4096x4096; gate, up: 11008x4096; down: 4096x11008) = 6.48 B entries,
 stored bf16 (~13 GB), written tensor by tensor (:func:`lmeval_regions.artefacts.write_safetensors`).
@@ -7,6 +7,21 @@ Each measurement runs in a fresh subprocess and reports its wall time and peak R
 
     OMP_NUM_THREADS=1 nice -n 10 python benchmarks/bench_select.py            # full 7B shape
     OMP_NUM_THREADS=1 python benchmarks/bench_select.py --layers 2            # scaled down
+
+With ``--cli`` the same selections also run as ``lmeval-regions extract`` (the command a
+researcher types), each in a fresh process whose own peak RSS is read with ``os.wait4``, beside
+the CLI's start-up alone (``extract --help``: interpreter, torch, the package)::
+
+    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/bench_select.py --cli --ratio 0.01
+
+Issue 15 (extraction near disk speed, both threads used): every scope x method from the CLI,
+each against the warm sequential read of the file, taken before and after the cases in the same
+run (the median is the base), with all of the machine's threads (no OMP_NUM_THREADS)::
+
+    python benchmarks/bench_select.py --cli --methods top,bottom,middle,random --max-load 3
+
+``--max-load`` waits (up to an hour) until the 1-minute load average is at most that before
+writing the file and before each case; the load is recorded beside every figure.
 
 Writes ``benchmarks/results/bench_select[_L<layers>].json``; deletes the artefact afterwards
 unless ``--keep``.
@@ -94,6 +109,54 @@ def measure(what: str, path: str, ratio: float) -> dict:
     return out
 
 
+def loadavg() -> float:
+    return float(Path("/proc/loadavg").read_text().split()[0])
+
+
+def wait_for_load(max_load: float | None, timeout: float = 3600) -> float:
+    """Wait until the 1-minute load average is at most ``max_load``; returns it."""
+    t = time.monotonic()
+    while max_load is not None and loadavg() > max_load and time.monotonic() - t < timeout:
+        time.sleep(20)
+    return loadavg()
+
+
+def run_cli(scope: str | None, path: Path, ratio: float, keep: bool = False,
+            method: str = "top") -> dict:
+    """``lmeval-regions extract`` (``scope`` None: ``extract --help``, the start-up alone) in a
+    fresh process: wall time and that process' own peak RSS (``os.wait4``; RUSAGE_CHILDREN
+    would report the largest of all children so far). ``keep``: keep the region file (its
+    path is ``report["region"]``)."""
+    out = path.with_name(f"region_{scope}_{method}.safetensors")
+    cmd = [sys.executable, "-m", "lmeval_regions.cli", "extract"]
+    cmd += ["--help"] if scope is None else [
+        "--importance", str(path), "--method", method, "--ratio", str(ratio), "--scope", scope,
+        "--out", str(out), "--quiet", "--overwrite"]
+    log = path.with_name(f"cli_{scope}.log")
+    t = time.perf_counter()
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
+        _, status, ru = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - t
+    text = log.read_text()
+    log.unlink()
+    if os.waitstatus_to_exitcode(status):
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{text[-3000:]}")
+    report = {"command": " ".join(cmd[1:]), "seconds": seconds,
+              "cpu_seconds": ru.ru_utime + ru.ru_stime, "peak_rss_mb": ru.ru_maxrss / 1024,
+              "load_after": loadavg()}
+    if scope is not None:
+        from lmeval_regions.artefacts import read_metadata
+
+        report["selected"] = read_metadata(out, "region")["numel"]
+        out.with_name(out.stem + ".config.yaml").unlink(missing_ok=True)
+        if keep:
+            report["region"] = str(out)
+        else:
+            out.unlink()
+    return report
+
+
 def run_child(what: str, path: Path, ratio: float) -> dict:
     r = subprocess.run([sys.executable, __file__, "--measure", what, "--file", str(path),
                         "--ratio", str(ratio)], capture_output=True, text=True)
@@ -112,6 +175,13 @@ def main() -> None:
     ap.add_argument("--rss-limit-mb", type=float, default=2048)
     ap.add_argument("--only", nargs="+", choices=["matrix", "global"], default=["matrix", "global"],
                     help="which selections to measure")
+    ap.add_argument("--cli", action="store_true",
+                    help="also run each selection as `lmeval-regions extract` (peak RSS)")
+    ap.add_argument("--methods", default="top",
+                    help="methods run from the CLI, comma-separated (top,bottom,middle,random)")
+    ap.add_argument("--max-load", type=float, default=None,
+                    help="wait until the 1-minute load average is at most this before the "
+                         "file is written and before each case")
     ap.add_argument("--measure", help=argparse.SUPPRESS)
     ap.add_argument("--file", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -124,8 +194,10 @@ def main() -> None:
     path = Path(args.dir) / f"importance_llama2_7b_L{args.layers}.safetensors"
     report: dict = {"shape": "LLaMA-2-7B block weights", "layers": args.layers,
                     "ratio": args.ratio, "rss_limit_mb": args.rss_limit_mb,
-                    "threads": torch.get_num_threads(), "file": str(path)}
+                    "threads": torch.get_num_threads(), "file": str(path),
+                    "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
     try:
+        report["load_before"] = wait_for_load(args.max_load)
         report["generate"] = generate(path, args.layers)
         print("generated", report["generate"], flush=True)
         # The first read warms the page cache as far as memory allows; later ones are comparable.
@@ -136,6 +208,18 @@ def main() -> None:
                 key = "read_raw"
             report[key] = run_child(what, path, args.ratio)
             print(key, report[key], flush=True)
+        if args.cli:
+            methods = args.methods.split(",")
+            warm = [report["read_raw"]]
+            for scope in (None, *args.only):
+                for method in (methods if scope else ["top"]):
+                    key = f"cli_{scope}_{method}" if scope else "cli_startup"
+                    load = wait_for_load(args.max_load)
+                    report[key] = {"load_before": load,
+                                   **run_cli(scope, path, args.ratio, method=method)}
+                    print(key, report[key], flush=True)
+            report["read_raw_after"] = run_child("read_raw", path, args.ratio)
+            warm.append(report["read_raw_after"])
     finally:
         if not args.keep:
             path.unlink(missing_ok=True)
@@ -147,8 +231,20 @@ def main() -> None:
                                              for w in ("read_tensors", *args.only)}
     report["ns_per_entry"] = {w: report[w]["seconds"] / report["generate"]["entries"] * 1e9
                               for w in ("read_raw", *args.only)}
-    report["peak_rss_ok"] = all(report[w]["peak_rss_mb"] <= args.rss_limit_mb
-                                for w in args.only)
+    report["peak_rss_ok"] = all(report[w]["peak_rss_mb"] <= args.rss_limit_mb for w in args.only)
+    if args.cli:
+        # the base: the median warm read of the file, before and after the cases
+        reads = sorted(r["seconds"] for r in warm)
+        cli_base = reads[len(reads) // 2] if len(reads) % 2 else sum(reads) / len(reads)
+        report["cli_read_base_seconds"] = cli_base
+        cases = [k for k in report if k.startswith("cli_") and k != "cli_startup"
+                 and isinstance(report[k], dict) and "seconds" in report[k]]
+        report["cli_time_vs_sequential_read"] = {
+            k[4:]: report[k]["seconds"] / cli_base for k in cases}
+        report["cli_peak_rss_mb"] = {k[4:]: report[k]["peak_rss_mb"] for k in cases}
+        report["peak_rss_ok"] = report["peak_rss_ok"] and all(
+            report[k]["peak_rss_mb"] <= args.rss_limit_mb for k in cases)
+    report["load_after"] = loadavg()
     out = Path(args.out or Path(__file__).parent / "results" /
                ("bench_select.json" if args.layers == 32 else f"bench_select_L{args.layers}.json"))
     write_text_atomic(out, json.dumps(report, indent=2))
