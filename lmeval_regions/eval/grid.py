@@ -24,17 +24,18 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from lmeval_regions.artefacts import (check_fingerprint, file_digest, read_metadata,
                                       write_text_atomic)
 from lmeval_regions.errors import RegionsError
 from lmeval_regions.eval.console import include_ours
-from lmeval_regions.eval.model import HFRegionsLM
-from lmeval_regions.eval.ppl_task import pooled_perplexity
 from lmeval_regions.interventions import Intervention
 from lmeval_regions.models import resolve_pretrained
 from lmeval_regions.regions import METHODS, Fused, SelectionConfig, check_ratio, select_file
+
+if TYPE_CHECKING:  # lm-eval, transformers and datasets load when a grid runs, not at import
+    from lmeval_regions.eval.model import HFRegionsLM
 
 PREFERRED_METRICS = ("token_perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte",
                      "acc", "acc_norm", "exact_match")
@@ -299,6 +300,8 @@ def build_table(per_condition: dict[str, dict[str, Any]], metric: str = "auto") 
 
 
 def _pooled(results: dict[str, Any], group: str) -> dict[str, float] | None:
+    from lmeval_regions.eval.ppl_task import pooled_perplexity
+
     try:
         return pooled_perplexity(results, group=group)
     except (RegionsError, KeyError):
@@ -345,6 +348,8 @@ class GridSession:
     @property
     def lm(self) -> HFRegionsLM:
         if self._lm is None:
+            from lmeval_regions.eval.model import HFRegionsLM
+
             t0 = time.perf_counter()
             self._lm = HFRegionsLM(**self.args)
             self.seconds["load"] = time.perf_counter() - t0
