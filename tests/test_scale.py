@@ -357,3 +357,25 @@ def test_lazy_scores_membership_and_transient_reads(tmp_path):
         r = regions.select(lazy, "top", 0.05, scope=scope)
         m = regions.select(loaded, "top", 0.05, scope=scope)
         assert all(torch.equal(r.indices[n], m.indices[n]) for n in m.indices), scope
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sampled_band_equals_stable_sort(monkeypatch, dtype):
+    # Large non-negative tensors are ranked in one pass between bounds read off a strided
+    # sample; ties (few distinct values) and a sample that misjudges the window (every
+    # sampled entry 0, all others 1: the exhaustive ranking takes over) give a stable sort's
+    # ranks all the same.
+    monkeypatch.setattr(ranking, "SAMPLE", 512)
+    monkeypatch.setattr(ranking, "CHUNK", 4096)
+    g = torch.Generator().manual_seed(7)
+    n = 20_011
+    cases = [torch.rand(n, generator=g), torch.randint(0, 5, (n,), generator=g).float()]
+    biased = torch.ones(n)
+    biased[::n // 512] = 0.0
+    cases.append(biased)
+    for x in cases:
+        x = x.to(dtype)
+        for method in ("top", "bottom", "middle"):
+            for k in (1, 57, 2000, n - 1, n):
+                got = ranking.select_flat(x, k, method, 0, n_workers=1)
+                assert got.tolist() == _brute({"x": x}, ["x"], method, k / n), (method, k)
