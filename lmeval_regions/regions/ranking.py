@@ -487,8 +487,10 @@ def randperm_prefix(n: int, k: int, seed: int) -> torch.Tensor:
 def _prefix(n: int, k: int, seed: int) -> np.ndarray:
     t = np.arange(k, dtype=np.int64)
     j = t + _randperm_raw(seed, k) % (n - t)
-    order = np.argsort(j, kind="stable")  # by target, then step
-    js, ts = j[order], t[order]
+    # steps by target, then step: one sort of j and t packed in one int64 (both < 2^28 as
+    # n < 2^32 / 20), 3x faster than a stable argsort of j
+    packed = np.sort((j << 28) | t)
+    js, ts = packed >> 28, packed & ((1 << 28) - 1)
     same = js[1:] == js[:-1]
     last_same = np.full(k, -1, dtype=np.int64)  # last earlier step with step t's target
     last_same[ts[1:][same]] = ts[:-1][same]
