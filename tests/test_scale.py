@@ -379,3 +379,47 @@ def test_sampled_band_equals_stable_sort(monkeypatch, dtype):
             for k in (1, 57, 2000, n - 1, n):
                 got = ranking.select_flat(x, k, method, 0, n_workers=1)
                 assert got.tolist() == _brute({"x": x}, ["x"], method, k / n), (method, k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("workers", [1, 2])
+def test_global_band_equals_stable_sort(tmp_path, monkeypatch, dtype, workers):
+    # Global selection of non-negative scores in one pass between sampled bounds (in memory,
+    # and from a file sampled block by block): the same ranks as a stable sort of everything,
+    # ties across parameters by parameter order; a band too big for BAND_BYTES, and scores
+    # with a negative entry the sample missed, fall back to the exhaustive passes.
+    monkeypatch.setattr(ranking, "SAMPLE", 600)
+    monkeypatch.setattr(ranking, "CHUNK", 1000)
+    monkeypatch.setattr(ranking, "WORKERS", workers)
+    g = torch.Generator().manual_seed(11)
+    scores = {"a": torch.rand(70, 90, generator=g),
+              "b": torch.randint(0, 7, (3001,), generator=g).float(),
+              "c": torch.rand(40, 60, generator=g) * 3}
+    scores = {n: t.to(dtype) for n, t in scores.items()}
+    names = list(scores)
+    path = tmp_path / "imp.safetensors"
+    write_safetensors(path, {n: (t.dtype, list(t.shape)) for n, t in scores.items()},
+                      scores.__getitem__, {"model": {}}, kind="importance")
+    lazy = LazyScores(path)
+    calls = []
+    real = ranking._global_band
+    monkeypatch.setattr(ranking, "_global_band",
+                        lambda *a: calls.append(r := real(*a)) or r)
+    for method in ("top", "bottom", "middle"):
+        for ratio in (0.002, 0.05, 0.3, 0.97):
+            want = _brute(scores, names, method, ratio)
+            for source in (scores, lazy):
+                r = regions.select(source, method, ratio, scope="global")
+                assert _flat(r, scores, names) == want, (method, ratio)
+    assert sum(c is not None for c in calls) >= 12  # most went through the band
+    monkeypatch.setattr(ranking, "BAND_BYTES", 10)
+    calls.clear()
+    assert _flat(regions.select(scores, "top", 0.05, scope="global"), scores, names) == \
+        _brute(scores, names, "top", 0.05)
+    assert calls == [None]
+    monkeypatch.setattr(ranking, "BAND_BYTES", 1 << 30)
+    scores["b"][1234] = -1.0  # not in a sample of every 5th entry
+    calls.clear()
+    assert _flat(regions.select(scores, "bottom", 0.05, scope="global"), scores, names) == \
+        _brute(scores, names, "bottom", 0.05)
+    assert calls == [None]

@@ -104,10 +104,32 @@ class LazyScores(Mapping[str, torch.Tensor]):
         if buf is not None and buf.nbytes != stop - start:
             raise ArtefactError(f"'{self.path}': tensor '{name}' has {stop - start} bytes, "
                                 f"expected {buf.nbytes} for shape {self.shapes[name]}")
+        if buf is not None:
+            self._read_into(name, start, buf)
+        return out
+
+    def read_range(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Entries ``[start, stop)`` of tensor ``name`` in flat (C) order, read alone (a
+        sample of a few blocks costs a few reads, not a pass over the file)."""
+        if name not in self.shapes:
+            raise KeyError(name)
+        dtype = self.dtypes[name]
+        size = torch.empty(0, dtype=dtype).element_size()
+        n = math.prod(self.shapes[name])
+        if not 0 <= start <= stop <= n:
+            raise RegionsError(f"range [{start}, {stop}) is outside '{name}' ({n} entries)")
+        out = torch.empty(stop - start, dtype=dtype)
+        if out.numel():
+            self._read_into(name, self._offsets[name][0] + start * size,
+                            out.view(torch.uint8).numpy())
+        return out
+
+    def _read_into(self, name: str, offset: int, buf) -> None:
+        """Fill ``buf`` with the file's bytes from data offset ``offset`` (plain reads)."""
         try:
             with open(self.path, "rb") as f:
-                f.seek(self._data_start + start)
-                view, got = memoryview(buf) if buf is not None else memoryview(b""), 0
+                f.seek(self._data_start + offset)
+                view, got = memoryview(buf), 0
                 while got < len(view):
                     n = f.readinto(view[got:])
                     if not n:
@@ -115,7 +137,6 @@ class LazyScores(Mapping[str, torch.Tensor]):
                     got += n
         except OSError as e:
             raise ArtefactError(f"'{self.path}': tensor '{name}' could not be read: {e}") from e
-        return out
 
     def __contains__(self, name: object) -> bool:
         return name in self.shapes  # (Mapping's default would read the tensor to find out)

@@ -419,8 +419,134 @@ def select_global(scores: Mapping[str, torch.Tensor], names: list[str], method: 
     if method == "random":
         return _random_global(sizes, names, k, seed), shapes
     lo, descending = window(method, total, k)
-    return select_window(scores.__getitem__, names, sizes, lo, k, descending,
-                         dtypes_of(scores)), shapes
+    dtypes = dtypes_of(scores)
+    got = _global_band(scores, names, sizes, lo, k, descending, dtypes)
+    if got is None:
+        got = select_window(scores.__getitem__, names, sizes, lo, k, descending, dtypes)
+    return got, shapes
+
+
+BAND_BYTES = 1 << 30
+"""Memory the one-pass global selection may hold in band entries (position + key each)."""
+
+
+def _sample(scores: Mapping[str, torch.Tensor], names: list[str], sizes: Mapping[str, int],
+            per_name: int) -> torch.Tensor:
+    """Up to ``per_name`` entries of each parameter (scaled by its share of the entries), as
+    raw bit patterns: evenly spaced blocks read from a lazy mapping (``read_range``: no pass
+    over the file), or an even stride of a tensor in memory."""
+    total = sum(sizes.values())
+    read_range = getattr(scores, "read_range", None)
+    parts = []
+    for n in names:
+        want = max(16, per_name * len(names) * sizes[n] // total)
+        if callable(read_range):
+            blocks, size = 16, max(1, want // 16)
+            step = max(size, sizes[n] // blocks)
+            pieces = [read_range(n, s, min(s + size, sizes[n]))
+                      for s in range(0, sizes[n], step)][:blocks]
+            x = torch.cat([p.reshape(-1) for p in pieces])
+        else:
+            x = scores[n].detach().reshape(-1)[::max(1, sizes[n] // want)]
+        parts.append(_raw(x).clone())
+    return torch.cat(parts)
+
+
+def _raw(x: torch.Tensor) -> torch.Tensor:
+    return x.view(torch.int16) if x.dtype == torch.bfloat16 else x.view(torch.int32)
+
+
+def _global_band(scores, names, sizes, lo, k, descending, dtypes) -> dict | None:
+    """Global ranks ``[lo, lo + k)`` of non-negative, NaN-free bf16 or fp32 scores with one
+    pass over the data: a sample (a few blocks of each parameter) bounds the window with a
+    margin; one pass keeps the entries between the bounds (position and key, at most
+    :data:`BAND_BYTES`) and counts those below; the window is then selected exactly within
+    the band (histograms of its keys, ties by parameter order and position). None when the
+    scores do not qualify or the band would not fit or misses the window (the caller then
+    runs the exhaustive 2-3 passes)."""
+    kinds = {(dtypes[n] if dtypes is not None else scores[n].dtype) for n in names}
+    if kinds not in ({torch.bfloat16}, {torch.float32}):
+        return None
+    narrow = kinds == {torch.bfloat16}
+    inf, total = (_INF16 if narrow else _INF32), sum(sizes.values())
+    sample = torch.sort(_sample(scores, names, sizes, SAMPLE // max(1, len(names)) + 64)).values
+    if int(sample[0]) < 0 or int(sample[-1]) > inf:
+        return None
+    ns = sample.numel()
+    a, b = (total - lo - k, total - lo) if descending else (lo, lo + k)
+
+    def bound(rank: int, side: int) -> int | None:
+        p = rank / total
+        margin = 6 * math.sqrt(ns * p * (1 - p)) + 0.002 * ns + 8  # blocks: a wider margin
+        i = math.floor(p * ns - margin) if side < 0 else math.ceil(p * ns + margin)
+        return None if i < 0 or i >= ns else int(sample[i])
+
+    lo_key, hi_key = bound(a, -1), bound(b, +1)
+    sn = sample.numpy()
+    est = (ns if hi_key is None else int(np.searchsorted(sn, hi_key, side="right"))) - (
+        0 if lo_key is None else int(np.searchsorted(sn, lo_key)))
+    key_bytes = 2 if narrow else 4
+    if est / ns * total * (4 + key_bytes) * 1.2 > BAND_BYTES:
+        return None
+
+    def band_of(n: str):
+        x = scores[n].detach().reshape(-1)
+        idx_parts, key_parts, below = [], [], 0
+        for s in range(0, sizes[n], CHUNK):
+            c = _raw(x[s:s + CHUNK]).numpy()
+            if c.size and (int(c.min()) < 0 or int(c.max()) > inf):
+                return None  # negatives or NaN (the sample missed them)
+            i = _in_band(c, lo_key, hi_key)
+            if lo_key is not None and hi_key is not None:
+                below += int(np.count_nonzero(c < lo_key))
+            idx_parts.append((i + s).astype(np.int32 if sizes[n] < 2**31 else np.int64))
+            key_parts.append(c[i])
+        return np.concatenate(idx_parts), np.concatenate(key_parts), below
+
+    n_workers = min(workers(), len(names))
+    band: dict[str, tuple] = {}
+    below = size = 0
+    hist = torch.zeros(_NBINS, dtype=torch.int64)
+    with _one_thread_per_op(n_workers):
+        for n, got in zip(names, _pmap(band_of, names, n_workers)):
+            if got is None:
+                return None
+            idx, keys, b_n = got
+            band[n] = (idx, keys)
+            below += b_n
+            size += idx.size
+            kt = torch.from_numpy(keys)
+            hist += _bincount(kt if narrow else kt >> 16, True)
+    if lo_key is not None and hi_key is None:
+        below = total - size
+    above = total - below - size
+    if below > a or below + size < b:
+        return None
+    # the window within the band: ranks shifted by the entries ranked before the band
+    blo = lo - (above if descending else below)
+    low = None
+    if not narrow:
+        bins = _end_bins(hist, blo, blo + k, descending)
+        low = {bb: torch.zeros(_NBINS, dtype=torch.int64) for bb in bins}
+        for _, keys in band.values():
+            kt = torch.from_numpy(keys)
+            high = (kt >> 16) + _HALF
+            for bb in bins:
+                low[bb] += torch.bincount(kt[high == bb] & 0xFFFF, minlength=_NBINS)
+    ends = _end_keys(hist, low, blo, blo + k, descending, 0 if narrow else 16)
+    if low is None:
+        counts = {kv: int(hist[(kv >> (0 if narrow else 16)) + _HALF]) for kv, _ in ends}
+    else:
+        counts = {kv: int(low[(kv >> 16) + _HALF][kv & 0xFFFF]) for kv, _ in ends}
+    win = _Window(ends, blo, blo + k, descending, counts, size)
+    out = {}
+    for n in names:
+        idx, keys = band.pop(n)
+        inside = (keys >= win.lo_key) & (keys <= win.hi_key)  # the band is wider than the window
+        sel = win.take(torch.from_numpy(idx[inside]), torch.from_numpy(keys[inside]))
+        if sel.numel():
+            out[n] = sel.to(index_dtype(sizes[n]))
+    return out
 
 
 def n_select(n: int, ratio: float) -> int:
