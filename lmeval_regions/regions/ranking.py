@@ -61,12 +61,13 @@ def workers() -> int:
 
 @contextmanager
 def _one_thread_per_op(n_workers: int):
-    # Each worker runs its ops on one thread: W workers x W OpenMP threads would oversubscribe
-    # the cores (and spin-wait) for ops that are memory-bound anyway.
-    if n_workers <= 1:
+    # Each worker runs its ops on one thread: the ops are memory-bound, and OpenMP hand-offs
+    # (W workers x W threads, spin-waiting on a busy machine) cost more than they give --
+    # measured 2.4x the CPU time for one worker on two OpenMP threads.
+    before = torch.get_num_threads()
+    if before == 1:
         yield
         return
-    before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         yield
@@ -195,9 +196,8 @@ def _candidates(x: torch.Tensor, lo_key: int | None, hi_key: int | None, narrow:
             idx_parts.append(idx + (s - start))
             key_parts.append(kn[idx])
     if not idx_parts:
-        return torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int32)
-    return (torch.from_numpy(np.concatenate(idx_parts)),
-            torch.from_numpy(np.concatenate(key_parts)))
+        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int32)
+    return np.concatenate(idx_parts), np.concatenate(key_parts)
 
 
 def _locate(hist: torch.Tensor, rank: int) -> tuple[int, int]:
@@ -264,24 +264,27 @@ class _Window:
                                                                            beyond_last)
         self.bounds = (self.lo_key if need_lo else None, self.hi_key if need_hi else None)
 
-    def take(self, idx: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    def take(self, idx: np.ndarray, keys: np.ndarray) -> np.ndarray:
         """The candidates (in position order, consumed in order) that are in the window."""
-        if not self.ties or idx.numel() == 0:
+        if idx.size and (keys.min() < self.lo_key or keys.max() > self.hi_key):
+            inside = (keys >= self.lo_key) & (keys <= self.hi_key)
+            idx, keys = idx[inside], keys[inside]
+        if not self.ties or idx.size == 0:
             return idx
-        keep = torch.ones_like(idx, dtype=torch.bool)
+        keep = None
         for kv, (first, last) in self.ties.items():
-            eq = keys == kv
-            n_eq = int(eq.sum())
-            if n_eq == 0:
+            at = np.flatnonzero(keys == kv)  # the tied entries, in position order
+            if at.size == 0:
                 continue
             seen = self.seen[kv]
-            self.seen[kv] = seen + n_eq
-            if seen >= last or seen + n_eq <= first:
-                keep &= ~eq
-                continue
-            r = torch.cumsum(eq, 0) - 1 + seen  # rank among tied entries
-            keep &= ~eq | ((r >= first) & (r < last))
-        return idx[keep]
+            self.seen[kv] = seen + at.size
+            rank = seen + np.arange(at.size)  # rank among all entries tied at kv
+            out = at[(rank < first) | (rank >= last)]
+            if out.size:
+                if keep is None:
+                    keep = np.ones(idx.size, dtype=bool)
+                keep[out] = False
+        return idx if keep is None else idx[keep]
 
 
 # ---------------------------------------------------------------------------------- windows
@@ -345,7 +348,7 @@ def select_window(
         results = _pmap(lambda u: _candidates(get(u[0]), lo_key, hi_key, narrow, u[1], u[2]),
                         units, n_workers)
         for (n, s, _), (idx, keys) in zip(units, results):
-            sel = win.take(idx, keys)
+            sel = torch.from_numpy(win.take(idx, keys))
             if sel.numel():
                 out.setdefault(n, []).append((sel + s).to(index_dtype(sizes[n])))
     return {n: torch.cat(p) if len(p) > 1 else p[0] for n, p in out.items()}
@@ -542,9 +545,8 @@ def _global_band(scores, names, sizes, lo, k, descending, dtypes) -> dict | None
     win = _Window(ends, blo, blo + k, descending, counts, size)
     out = {}
     for n in names:
-        idx, keys = band.pop(n)
-        inside = (keys >= win.lo_key) & (keys <= win.hi_key)  # the band is wider than the window
-        sel = win.take(torch.from_numpy(idx[inside]), torch.from_numpy(keys[inside]))
+        idx, keys = band.pop(n)  # (the band is wider than the window: take() narrows it)
+        sel = torch.from_numpy(win.take(idx, keys))
         if sel.numel():
             out[n] = sel.to(index_dtype(sizes[n]))
     return out
@@ -703,8 +705,9 @@ def _sampled(x: torch.Tensor, lo: int, k: int, descending: bool) -> torch.Tensor
         return None  # the raw patterns are the keys only for non-negative, NaN-free values
     # the window in ascending ranks, and its bounds read off the sorted sample with a margin
     a, b = (n - lo - k, n - lo) if descending else (lo, lo + k)
-    sample = torch.sort(v[::max(1, n // SAMPLE)]).values
-    ns = sample.numel()
+    vn = v.numpy()
+    sample = np.sort(vn[::max(1, n // SAMPLE)])  # (torch sorts a strided view 30x slower)
+    ns = sample.size
 
     def bound(rank: int, side: int) -> int | None:
         p = rank / n
@@ -713,7 +716,6 @@ def _sampled(x: torch.Tensor, lo: int, k: int, descending: bool) -> torch.Tensor
         return None if i < 0 or i >= ns else int(sample[i])
 
     lo_key, hi_key = bound(a, -1), bound(b, +1)
-    vn = v.numpy()
     parts, below = [], 0
     for s in range(0, n, CHUNK):  # a chunk's mask stays in cache between the two steps
         c = vn[s:s + CHUNK]
