@@ -12,8 +12,9 @@ the weight gradients of the scored block matrices.
 Measured side by side, rounds alternating between the conditions, medians reported:
 
 * ``matmul``: GFLOP/s of each linear shape at the rows of each batch size (and 2048 rows);
-* ``forward``: documents batched as lm-eval batches them (consecutive documents, right-padded):
-  the blocks, the LM head, log-softmax over the vocabulary, argmax (lm-eval's greedy check);
+* ``forward``: documents batched as lm-eval's ``hf`` batches them (consecutive documents,
+  right-padded) and as ``hf-regions`` does (longest first, ``batch_order=length``): the blocks,
+  the LM head, log-softmax over the vocabulary, argmax (lm-eval's greedy check);
 * ``lm_eval``: ``simple_evaluate`` per condition (Base, Top 1 %) through
   :class:`~lmeval_regions.eval.grid.GridSession`: its total, the model calls, the
   log-softmax, tokenisation, and the rest (lm-eval's own work, edit/restore);
@@ -25,6 +26,7 @@ Measured side by side, rounds alternating between the conditions, medians report
 
     python benchmarks/bench_demo.py                  # a few minutes on 2 idle cores
     python benchmarks/bench_demo.py --batch-sizes 1,4,8,16 --rounds 5
+    THP_MEM_ALLOC_ENABLE=1 python benchmarks/bench_demo.py   # torch's large buffers on huge pages
 
 Writes ``benchmarks/results/bench_demo.json`` (with ``uptime`` load before and after: figures
 taken on a busy machine are only good as ratios within the run).
@@ -170,15 +172,21 @@ def main() -> None:
     report["flops_per_token"] = flops_tok
     print("matmul", report["matmul"], flush=True)
 
-    # ---- forward phases, lm-eval's batching (consecutive docs, right-padded)
-    fwd = {b: {"blocks": [], "lm_head": [], "log_softmax": [], "argmax": []} for b in batch_sizes}
+    # ---- forward phases: documents batched in request order (lm-eval's hf: consecutive
+    # documents, right-padded to the longest) and longest first (hf-regions' batch_order)
+    variants = [(b, "request") for b in batch_sizes] + [(b, "length") for b in batch_sizes
+                                                        if b > 1]
+    by_length = sorted(docs, key=len, reverse=True)
+    fwd = {v: {"blocks": [], "lm_head": [], "log_softmax": [], "argmax": []} for v in variants}
     padded = {}
     for r in range(a.rounds):
-        for b in (batch_sizes if r % 2 == 0 else batch_sizes[::-1]):
-            acc = dict.fromkeys(fwd[b], 0.0)
+        for v in (variants if r % 2 == 0 else variants[::-1]):
+            b, order = v
+            seq = by_length if order == "length" else docs
+            acc = dict.fromkeys(fwd[v], 0.0)
             pad = 0
-            for i in range(0, len(docs), b):
-                chunk = [d[:-1] for d in docs[i:i + b]]
+            for i in range(0, len(seq), b):
+                chunk = [d[:-1] for d in seq[i:i + b]]
                 L = max(map(len, chunk))
                 pad += L * len(chunk)
                 x = torch.zeros(len(chunk), L, dtype=torch.long)
@@ -197,25 +205,27 @@ def main() -> None:
                 for key, v in zip(acc, (t1 - t, t2 - t1, t3 - t2, t4 - t3)):
                     acc[key] += v
                 del h, logits, lsm
-            padded[b] = pad
-            for key, v in acc.items():
-                fwd[b][key].append(v)
+            padded[v] = pad
+            for key, t in acc.items():
+                fwd[v][key].append(t)
     report["forward"] = {}
-    for b in batch_sizes:
+    for v in variants:
+        b = v[0]
         m = max(1, round(mean_len * b))
-        med_t = {k: med(v) for k, v in fwd[b].items()}
-        lim_blocks = sum(2 * padded[b] * k * n * c / (rates[(r, m)] * 1e9)
+        med_t = {k: med(t) for k, t in fwd[v].items()}
+        lim_blocks = sum(2 * padded[v] * k * n * c / (rates[(r, m)] * 1e9)
                          for r, k, n, c in shapes if r != "lm_head")
-        lim_head = 2 * padded[b] * params["lm_head"] / (rates[("lm_head", m)] * 1e9)
+        lim_head = 2 * padded[v] * params["lm_head"] / (rates[("lm_head", m)] * 1e9)
         useful = sum(2 * tokens * k * n * c / (peak * 1e9) for r, k, n, c in shapes)
         total = sum(med_t.values())
-        report["forward"][str(b)] = {
-            "seconds": med_t, "total_s": total, "tokens": tokens, "padded_tokens": padded[b],
+        name = str(b) if v[1] == "request" else f"{b} length-sorted"
+        report["forward"][name] = {
+            "seconds": med_t, "total_s": total, "tokens": tokens, "padded_tokens": padded[v],
             "ms_per_token": total / tokens * 1e3,
             "pct_of_limit": {"blocks": 100 * lim_blocks / med_t["blocks"],
                              "lm_head": 100 * lim_head / med_t["lm_head"],
                              "all (useful tokens at peak rate)": 100 * useful / total}}
-        print("forward", b, report["forward"][str(b)], flush=True)
+        print("forward", name, report["forward"][name], flush=True)
 
     # ---- lm-eval per condition, Base and Top 1 % of an importance computed here
     imp_units = a.importance_units
@@ -331,7 +341,7 @@ def main() -> None:
     for key, runs in lme.items():
         m = {k: med([x[k] for x in runs]) for k in runs[0]}
         b = int(key.split("@")[1])
-        fwd_b = report["forward"][str(b)]
+        fwd_b = report["forward"][str(b) if b == 1 else f"{b} length-sorted"]
         m["other (lm-eval, edits, forward outside model call)"] = (
             m["total"] - m["model_call"] - m["log_softmax"] - m["tok_encode"])
         m["ms_per_token"] = m["total"] / tokens * 1e3
