@@ -192,3 +192,35 @@ def test_embedded_name_resolves(monkeypatch, tiny_lm_dir):
     monkeypatch.setattr(lm_mod, "resolve_pretrained", lambda n: seen.append(n) or str(tiny_lm_dir))
     lm = lm_mod.HFRegionsLM(pretrained="smollm2-135m", device="cpu")
     assert seen == ["smollm2-135m"] and lm.model.config.hidden_size == 32
+
+
+def test_batch_order_length_is_hf_batching_of_sorted_documents(tiny_lm_dir, shared_data):
+    # Batched, hf-regions takes perplexity documents longest first (lm-eval pads each batch
+    # of consecutive documents to its longest). batch_order=request is hf's own batching bit
+    # for bit; length order is hf's batching of the documents sorted by length, bit for bit,
+    # and both agree with batch size 1 up to the summation order of the matrix products.
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from lmeval_regions.eval.model import HFRegionsLM
+
+    texts = udhr_texts(shared_data, ("en", "ar", "zh"), 4)
+    reqs = [Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(texts)]
+
+    def ll(lm, rs):
+        return [float(x) for x in lm.loglikelihood_rolling(rs, disable_tqdm=True)]
+
+    common = {"pretrained": str(tiny_lm_dir), "device": "cpu", "add_bos_token": False}
+    hf = HFLM(**common, batch_size=4)
+    by_length = HFRegionsLM(**common, batch_size=4)
+    assert by_length.batch_order == "length"
+    order = sorted(range(len(reqs)), key=lambda i: -len(hf.tok_encode(texts[i])))
+    assert order != list(range(len(reqs)))  # the order does change here
+    sorted_hf = ll(hf, [reqs[i] for i in order])
+    got = ll(by_length, reqs)
+    assert [got[i] for i in order] == sorted_hf
+    assert ll(HFRegionsLM(**common, batch_size=4, batch_order="request"), reqs) == ll(hf, reqs)
+    one = ll(HFLM(**common, batch_size=1), reqs)
+    assert got == pytest.approx(one, rel=1e-5)
+    with pytest.raises(RegionsError, match="batch_order"):
+        HFRegionsLM(**common, batch_order="shortest")

@@ -66,6 +66,83 @@ def test_radix_selection_equals_stable_sort(monkeypatch, dtype, chunk):
                 assert m.indices[n].tolist() == _brute(scores, [n], method, ratio), (method, n)
 
 
+def _edge_scores(dtype, seed=0):
+    """Tensors mixing ties, signs, -0.0, +-inf and NaN (non-negative-only ones too, which are
+    ranked on their raw bit patterns), with sizes that straddle chunk boundaries."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(9, 11, generator=g)
+    a[0, :4] = torch.tensor([-0.0, 0.0, float("inf"), float("-inf")])
+    a[1, 2], a[3, 3], a[5, 0] = float("nan"), float("nan"), -float("nan")
+    b = torch.randint(0, 3, (6, 13), generator=g).float()  # few values: many ties
+    c = torch.rand(29, generator=g) * 1e-3  # non-negative, no NaN: raw-pattern keys
+    d = torch.rand(7, 8, generator=g)
+    d[2, 5] = float("nan")  # non-negative with a NaN
+    e = torch.full((40,), 0.5)  # one value: all tied
+    return {n: t.to(dtype) for n, t in zip("abcde", (a, b, c, d, e))}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("chunk", [7, 4096])
+def test_ranking_equals_stable_sort_on_edge_values(monkeypatch, dtype, workers, chunk):
+    # Every scope/method/ratio against brute-force stable sorts, including NaN (ranked above
+    # +inf, tied among themselves), -0.0 == 0.0, infinities, constant tensors; with several
+    # threads (ties are still counted in position order) and tiny chunks.
+    monkeypatch.setattr(ranking, "CHUNK", chunk)
+    monkeypatch.setattr(ranking, "WORKERS", workers)
+    monkeypatch.setattr(ranking, "SORT_LIMIT", 0)
+    scores = _edge_scores(dtype)
+    names = list(scores)
+    for method in ("top", "bottom", "middle"):
+        for ratio in (0.01, 0.13, 0.5, 0.999, 1.0):
+            r = regions.select(scores, method, ratio, scope="global")
+            assert _flat(r, scores, names) == _brute(scores, names, method, ratio), (method, ratio)
+            m = regions.select(scores, method, ratio, scope="matrix")
+            for n in names:
+                assert m.indices[n].tolist() == _brute(scores, [n], method, ratio), (method, n)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_select_flat_splits_one_tensor_between_workers(monkeypatch, workers):
+    # One large in-memory tensor is shared between the threads in ranges: same ranks.
+    monkeypatch.setattr(ranking, "CHUNK", 50)
+    monkeypatch.setattr(ranking, "WORKERS", workers)
+    monkeypatch.setattr(ranking, "SORT_LIMIT", 0)
+    g = torch.Generator().manual_seed(4)
+    for x in (torch.randint(0, 20, (1013,), generator=g).float(),
+              torch.randn(1013, generator=g).to(torch.bfloat16)):
+        for method in ("top", "bottom", "middle"):
+            for k in (1, 37, 500, 1013):
+                got = ranking.select_flat(x, k, method, 0)
+                assert got.tolist() == _brute({"x": x}, ["x"], method, k / 1013), (method, k)
+
+
+@pytest.mark.parametrize("n,k", [(2, 1), (10, 9), (1000, 10), (1000, 999), (70001, 1),
+                                 (70001, 3500), (262144, 70000)])
+def test_randperm_prefix_is_torch_randperm(n, k):
+    # Random regions are the first k of torch's seeded permutation (the regions made before
+    # the prefix computation existed), computed in O(k log k).
+    for seed in (0, 1, 2**40 + 7):
+        g = torch.Generator().manual_seed(seed)
+        want = torch.sort(torch.randperm(n, generator=g)[:k]).values
+        assert torch.equal(ranking.randperm_prefix(n, k, seed), want), (n, k, seed)
+        assert torch.equal(ranking.select_flat(torch.empty(n), k, "random", seed), want)
+
+
+def test_per_matrix_random_reads_no_scores():
+    class Counting(dict):
+        reads = 0
+
+        def __getitem__(self, name):
+            Counting.reads += 1
+            return super().__getitem__(name)
+
+    scores = Counting(a=torch.rand(300, 400), b=torch.rand(50))
+    scores.shapes = {"a": [300, 400], "b": [50]}  # as LazyScores knows them from the header
+    r = regions.select(scores, "random", 0.1, scope="matrix", seed=1)
+    assert Counting.reads == 0 and r.counts() == {"a": 12000, "b": 5}
+
+
 def _tiny_importance(tmp_path, dtype=torch.float32):
     model = tiny_model("llama")
     from conftest import random_batches
@@ -273,3 +350,92 @@ def test_bf16_accumulator_scores_stay_bf16_and_select_as_widened():
         a = regions.select(imp.scores, "top", 0.05, scope=scope)
         b = regions.select(wide, "top", 0.05, scope=scope)
         assert all(torch.equal(a.indices[n], b.indices[n]) for n in b.indices)
+
+
+def test_lazy_scores_membership_and_transient_reads(tmp_path):
+    # `name in scores` reads nothing; inside transient_reads a thread's reads share a buffer
+    # (each tensor valid until that thread's next read), and selection gives the same region.
+    imp, path = _tiny_importance(tmp_path, torch.bfloat16)
+    lazy = LazyScores(path)
+    reads = []
+    real = lazy._memory
+    lazy._memory = lambda name: reads.append(name) or real(name)
+    names = list(lazy)
+    assert all(n in lazy for n in names) and "nope" not in lazy and reads == []
+    with lazy.transient_reads():
+        a, b = lazy[names[0]], lazy[names[1]]
+        assert a.data_ptr() == b.data_ptr()  # the same buffer
+        assert torch.equal(b, imp.scores[names[1]])
+    c, d = lazy[names[0]], lazy[names[1]]
+    assert c.data_ptr() != d.data_ptr() and torch.equal(c, imp.scores[names[0]])
+    loaded = Importance.load(path).scores  # file order: ties across parameters break by it
+    for scope in ("matrix", "global", "row"):
+        r = regions.select(lazy, "top", 0.05, scope=scope)
+        m = regions.select(loaded, "top", 0.05, scope=scope)
+        assert all(torch.equal(r.indices[n], m.indices[n]) for n in m.indices), scope
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sampled_band_equals_stable_sort(monkeypatch, dtype):
+    # Large non-negative tensors are ranked in one pass between bounds read off a strided
+    # sample; ties (few distinct values) and a sample that misjudges the window (every
+    # sampled entry 0, all others 1: the exhaustive ranking takes over) give a stable sort's
+    # ranks all the same.
+    monkeypatch.setattr(ranking, "SAMPLE", 512)
+    monkeypatch.setattr(ranking, "CHUNK", 4096)
+    g = torch.Generator().manual_seed(7)
+    n = 20_011
+    cases = [torch.rand(n, generator=g), torch.randint(0, 5, (n,), generator=g).float()]
+    biased = torch.ones(n)
+    biased[::n // 512] = 0.0
+    cases.append(biased)
+    for x in cases:
+        x = x.to(dtype)
+        for method in ("top", "bottom", "middle"):
+            for k in (1, 57, 2000, n - 1, n):
+                got = ranking.select_flat(x, k, method, 0, n_workers=1)
+                assert got.tolist() == _brute({"x": x}, ["x"], method, k / n), (method, k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("workers", [1, 2])
+def test_global_band_equals_stable_sort(tmp_path, monkeypatch, dtype, workers):
+    # Global selection of non-negative scores in one pass between sampled bounds (in memory,
+    # and from a file sampled block by block): the same ranks as a stable sort of everything,
+    # ties across parameters by parameter order; a band too big for BAND_BYTES, and scores
+    # with a negative entry the sample missed, fall back to the exhaustive passes.
+    monkeypatch.setattr(ranking, "SAMPLE", 600)
+    monkeypatch.setattr(ranking, "CHUNK", 1000)
+    monkeypatch.setattr(ranking, "WORKERS", workers)
+    g = torch.Generator().manual_seed(11)
+    scores = {"a": torch.rand(70, 90, generator=g),
+              "b": torch.randint(0, 7, (3001,), generator=g).float(),
+              "c": torch.rand(40, 60, generator=g) * 3}
+    scores = {n: t.to(dtype) for n, t in scores.items()}
+    names = list(scores)
+    path = tmp_path / "imp.safetensors"
+    write_safetensors(path, {n: (t.dtype, list(t.shape)) for n, t in scores.items()},
+                      scores.__getitem__, {"model": {}}, kind="importance")
+    lazy = LazyScores(path)
+    calls = []
+    real = ranking._global_band
+    monkeypatch.setattr(ranking, "_global_band",
+                        lambda *a: calls.append(r := real(*a)) or r)
+    for method in ("top", "bottom", "middle"):
+        for ratio in (0.002, 0.05, 0.3, 0.97):
+            want = _brute(scores, names, method, ratio)
+            for source in (scores, lazy):
+                r = regions.select(source, method, ratio, scope="global")
+                assert _flat(r, scores, names) == want, (method, ratio)
+    assert sum(c is not None for c in calls) >= 12  # most went through the band
+    monkeypatch.setattr(ranking, "BAND_BYTES", 10)
+    calls.clear()
+    assert _flat(regions.select(scores, "top", 0.05, scope="global"), scores, names) == \
+        _brute(scores, names, "top", 0.05)
+    assert calls == [None]
+    monkeypatch.setattr(ranking, "BAND_BYTES", 1 << 30)
+    scores["b"][1234] = -1.0  # not in a sample of every 5th entry
+    calls.clear()
+    assert _flat(regions.select(scores, "bottom", 0.05, scope="global"), scores, names) == \
+        _brute(scores, names, "bottom", 0.05)
+    assert calls == [None]

@@ -2,11 +2,14 @@
 paper 1's Table 1 layout (rows = languages/tasks, columns = Base and Top/Bottom/Random at each
 ratio).
 
-The model is loaded once as ``hf-regions``; each condition applies its edits with the model's
-own :meth:`~lmeval_regions.eval.model.HFRegionsLM.apply_edits`, runs ``lm_eval.simple_evaluate`` on the
-same object, and restores the weights bit-exactly before the next condition. Regions are made
-on the fly from an importance artefact (``select_from_importance``, saved beside the table for
-provenance) or taken from region files.
+The model is loaded once as ``hf-regions`` (:class:`GridSession`, which several grids of one
+run can share, and only when some condition is not read back from earlier results); each
+condition applies its edits with the model's own
+:meth:`~lmeval_regions.eval.model.HFRegionsLM.apply_edits`, runs ``lm_eval.simple_evaluate``
+on the same object with the same task objects, and restores the weights bit-exactly before the
+next condition. Regions are selected from an importance artefact read tensor by tensor
+(``select_file``, saved beside the table for provenance and reused while the file is
+unchanged) or taken from region files.
 
 Every condition gets the same lm-eval task metadata and task options (:class:`LmEvalConfig`),
 composed as ``lm_eval`` composes them (model args, then ``--metadata`` over them), so a cell equals
@@ -21,18 +24,18 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-from lmeval_regions.artefacts import file_digest, write_text_atomic
+from lmeval_regions.artefacts import (check_fingerprint, file_digest, read_metadata,
+                                      write_text_atomic)
 from lmeval_regions.errors import RegionsError
 from lmeval_regions.eval.console import include_ours
-from lmeval_regions.eval.model import HFRegionsLM
-from lmeval_regions.eval.ppl_task import pooled_perplexity
-from lmeval_regions.importance import Importance
 from lmeval_regions.interventions import Intervention
 from lmeval_regions.models import resolve_pretrained
-from lmeval_regions.regions import (METHODS, Fused, SelectionConfig, check_ratio,
-                                    select_from_importance)
+from lmeval_regions.regions import METHODS, Fused, SelectionConfig, check_ratio, select_file
+
+if TYPE_CHECKING:  # lm-eval, transformers and datasets load when a grid runs, not at import
+    from lmeval_regions.eval.model import HFRegionsLM
 
 WORD_PPL_NOTE = ("word_perplexity counts whitespace-separated words (as lm-eval does): for "
                  "scripts written without spaces (zh, ja, th, ...) a whole paragraph is one "
@@ -173,18 +176,48 @@ def grid_conditions(methods: Sequence[str], ratios: Sequence[float], base: bool 
     return out
 
 
-def make_regions(conditions: list[Condition], importance_path: str | os.PathLike, model,
-                 folder: Path, scope: str = "matrix", seed: int = 0,
-                 fused: Fused = "split") -> None:
-    """Select each condition's region from the importance file; save it in ``folder``."""
-    imp = Importance.load(importance_path, model)
+def make_regions(conditions: list[Condition], importance_path: str | os.PathLike, model=None,
+                 folder: Path | None = None, scope: str = "matrix", seed: int = 0,
+                 fused: Fused = "split", log=None) -> None:
+    """Select each condition's region from the importance file (read tensor by tensor, no
+    model needed) and save it in ``folder``; a region already there that was selected the same
+    way from the same file (path, size, modification time) is reused, not selected again.
+    With ``model``, the importance is checked to be of that model first."""
+    if folder is None:
+        raise RegionsError("make_regions needs the folder the regions are saved in")
+    if model is not None:
+        check_fingerprint(read_metadata(importance_path, "importance")["model"], model,
+                          what=f"importance file '{importance_path}'")
     folder.mkdir(parents=True, exist_ok=True)
+    source = _file_stamp(importance_path)
     for c in conditions:
         if c.method is None or c.region is not None:
             continue
         path = folder / f"{c.method}_{c.ratio:g}_{scope}_{fused}_s{seed}.safetensors"
-        select_from_importance(imp, c.method, c.ratio, scope, seed, fused).save(path)
+        want = {"method": c.method, "ratio": c.ratio, "scope": scope, "seed": seed,
+                "fused": fused, "importance_file": source}
+        if not (path.exists() and _region_made(path, want)):
+            region = select_file(importance_path, c.method, c.ratio, scope, seed, fused=fused)
+            region.spec["importance_file"] = source
+            region.save(path)
+        elif log is not None:
+            log(f"[table] {c.label}: reused region {path}")
         c.region = str(path)
+
+
+def _file_stamp(path: str | os.PathLike) -> dict[str, Any]:
+    """What identifies a file's version without reading it (a 7B importance is 13-26 GB)."""
+    st = Path(path).stat()
+    return {"path": str(Path(path).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _region_made(path: Path, want: dict[str, Any]) -> bool:
+    """Whether the region file at ``path`` was selected as ``want`` says."""
+    try:
+        spec = read_metadata(path, "region").get("spec", {})
+    except RegionsError:
+        return False
+    return all(spec.get(k) == v for k, v in want.items())
 
 
 def metric_of(task_result: dict[str, Any], metric: str) -> tuple[str, float] | None:
@@ -274,17 +307,134 @@ def build_table(per_condition: dict[str, dict[str, Any]], metric: str = "auto") 
 
 
 def _pooled(results: dict[str, Any], group: str) -> dict[str, float] | None:
+    from lmeval_regions.eval.ppl_task import pooled_perplexity
+
     try:
         return pooled_perplexity(results, group=group)
     except (RegionsError, KeyError):
         return None  # not one of our perplexity groups
 
 
+class GridSession:
+    """One model for every grid of a run: loaded on first use (never when every condition is
+    read back from results), then each condition edits it and restores it bit-exactly. lm-eval's
+    tasks are built once per task name and reused by every condition (their documents do not
+    change between conditions), and lm-eval's environment report (``pip list``, ... one
+    subprocess per call) is taken once.
+
+    ``pretrained``, ``lm_eval_config``, ``model_args``, ``device`` and ``task_metadata`` are
+    :func:`run_grid`'s; :attr:`lm` is the model (an ``hf-regions`` LM), also usable outside a
+    grid (e.g. ``session.lm.model`` for an importance pass)."""
+
+    def __init__(self, pretrained: str, lm_eval_config: LmEvalConfig | None = None,
+                 model_args: dict[str, Any] | None = None, device: str = "cpu",
+                 task_metadata: dict[str, Any] | None = None) -> None:
+        self.pretrained = pretrained
+        self.path = resolve_pretrained(pretrained)
+        self.options = lm_eval_config or LmEvalConfig()
+        self.device = device
+        self.hf_args = {"pretrained": self.path, "dtype": "float32", **(model_args or {}),
+                        **self.options.model_args}
+        self.args = {**self.hf_args, "device": device, "batch_size": self.options.batch_size()}
+        # lm_eval merges model_args into task metadata (its CLI: model_args | --metadata); an LM
+        # object passed to simple_evaluate gets none, so compose them here the same way.
+        self.meta = {**self.hf_args, **self.options.metadata, **(task_metadata or {})}
+        self.run_kwargs = self.options.evaluate_kwargs()
+        self.seconds: dict[str, float] = {}
+        """Time spent loading the model, building tasks, and in lm-eval (cumulative)."""
+        self._lm: HFRegionsLM | None = None
+        self._manager = None
+        self._full = None
+        self._built: dict[str, list[Any]] = {}
+        self._env: dict[str, Any] | None = None
+
+    @property
+    def loaded(self) -> bool:
+        return self._lm is not None
+
+    @property
+    def lm(self) -> HFRegionsLM:
+        if self._lm is None:
+            from lmeval_regions.eval.model import HFRegionsLM
+
+            t0 = time.perf_counter()
+            self._lm = HFRegionsLM(**self.args)
+            self.seconds["load"] = time.perf_counter() - t0
+        return self._lm
+
+    def key(self, c: Condition, tasks: list[str]) -> str:
+        """What a condition's result depends on, as one string (for ``resume``)."""
+        return _condition_key(c, self.path, tasks, self.options.limit,
+                              {**self.args, **self.meta, **self.run_kwargs})
+
+    def _tasks(self, tasks: list[str]) -> list[Any]:
+        """The built task objects of ``tasks`` (each built once per session)."""
+        t0 = time.perf_counter()
+        for name in tasks:
+            if name not in self._built:
+                got = self._load(name)
+                one = got["groups"].get(name) or got["tasks"].get(name)
+                self._built[name] = [one] if one is not None else list(got["tasks"].values())
+        self.seconds["tasks"] = self.seconds.get("tasks", 0.0) + time.perf_counter() - t0
+        return [obj for name in tasks for obj in self._built[name]]
+
+    def _load(self, name: str) -> dict[str, Any]:
+        """Build task ``name`` with a TaskManager indexing only our (and the user's) task
+        folders when it is there -- lm-eval's index of its thousands of YAMLs takes ~10 s to
+        build -- else (or if it refers to lm-eval's own tasks) with the full one. Both build
+        the same task: later paths override lm-eval's tasks of the same name in the full one."""
+        from lm_eval.tasks import TaskManager
+
+        paths = include_ours(self.options.include_path)
+        if self._manager is None:
+            self._manager = TaskManager(include_path=paths, include_defaults=False,
+                                        metadata=self.meta)
+        if name in self._manager.task_index:
+            try:
+                return self._manager.load([name])
+            except KeyError:  # e.g. a group of ours listing lm-eval's tasks
+                pass
+        if self._full is None:
+            self._full = TaskManager(include_path=paths, metadata=self.meta)
+        return self._full.load([name])
+
+    def evaluate(self, c: Condition, tasks: list[str]) -> dict[str, Any]:
+        """lm-eval's results of ``tasks`` with condition ``c`` applied (then restored)."""
+        import lm_eval
+        import lm_eval.evaluator as evaluator
+
+        lm, objs = self.lm, self._tasks(tasks)
+        t0 = time.perf_counter()
+        if c.region is not None:
+            lm.apply_edits(f"{c.region}@{c.intervention}")
+        add_env_info = evaluator.add_env_info
+        evaluator.add_env_info = self._env_info  # the same report, one subprocess run
+        try:
+            res = lm_eval.simple_evaluate(model=lm, tasks=objs, task_manager=self._manager,
+                                          limit=self.options.limit,
+                                          batch_size=self.options.batch_size(),
+                                          device=self.device, **self.run_kwargs)
+        finally:
+            evaluator.add_env_info = add_env_info
+            lm.restore_edits()
+        self.seconds["lm_eval"] = self.seconds.get("lm_eval", 0.0) + time.perf_counter() - t0
+        return res
+
+    def _env_info(self, storage: dict[str, Any]) -> None:
+        if self._env is None:
+            from lm_eval.loggers.utils import add_env_info
+
+            self._env = {}
+            add_env_info(self._env)
+        storage.update(self._env)
+
+
 def run_grid(pretrained: str, conditions: list[Condition], tasks: list[str], out: Path,
              importance: str | None = None, selection: SelectionConfig | None = None,
              lm_eval_config: LmEvalConfig | None = None, model_args: dict[str, Any] | None = None,
              metric: str = "auto", device: str = "cpu", log=print, resume: bool = False,
-             task_metadata: dict[str, Any] | None = None) -> Table:
+             task_metadata: dict[str, Any] | None = None, session: GridSession | None = None,
+             reuse: Sequence[str | os.PathLike] = ()) -> Table:
     """Evaluate every condition on ``tasks`` and write ``out/table.md``, ``out/table.json``
     and each condition's lm-eval results under ``out/results/``.
 
@@ -293,57 +443,55 @@ def run_grid(pretrained: str, conditions: list[Condition], tasks: list[str], out
     model args, task metadata and options, the same for every condition; ``selection``: how
     regions made from ``importance`` are selected (scope, seed, fused projections).
     With ``resume``, a condition whose results file exists and was made with the same model,
-    tasks, options and region (by content digest) is read back instead of re-run. Task
-    metadata is, as in ``lm_eval``, the model args with ``--metadata`` and then
-    ``task_metadata`` (a dict, e.g. ``udhr_path``) over them; it reaches the tasks' dataset
-    loaders."""
-    import lm_eval
-    from lm_eval.tasks import TaskManager
+    tasks, options and region (by content digest) is read back instead of re-run; the model is
+    loaded only if some condition is not. Task metadata is, as in ``lm_eval``, the model args
+    with ``--metadata`` and then ``task_metadata`` (a dict, e.g. ``udhr_path``) over them; it
+    reaches the tasks' dataset loaders.
 
+    ``session``: a :class:`GridSession` to evaluate with (its model, options and metadata are
+    used instead of ``pretrained``/``lm_eval_config``/``model_args``/``device``/
+    ``task_metadata``), so several grids of one run share one loaded model. ``reuse``: results
+    folders of other grids (``OUT/results``); with ``resume``, a condition evaluated there the
+    same way on a superset of ``tasks`` (e.g. Base of a larger table) is taken from there,
+    restricted to ``tasks``, instead of being evaluated again.
+    """
     if not tasks:
         raise RegionsError("no tasks given (e.g. --tasks udhr_ppl)")
-    options = lm_eval_config or LmEvalConfig()
+    if session is None:
+        session = GridSession(pretrained, lm_eval_config, model_args, device, task_metadata)
+    options = session.options
     selection = selection or SelectionConfig()
     scope, seed, fused = selection.scope, selection.seed, selection.fused
-    limit, batch_size = options.limit, options.batch_size()
     needs = [c.label for c in conditions if c.method is not None and c.region is None]
     if needs and importance is None:
         raise RegionsError(f"conditions {needs} select regions from importance: pass --importance "
                            "CORE.safetensors, or give region files (--regions)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    path = resolve_pretrained(pretrained)
-    hf_args = {"pretrained": path, "dtype": "float32", **(model_args or {}), **options.model_args}
-    args = {**hf_args, "device": device, "batch_size": batch_size}
-    lm = HFRegionsLM(**args)
-    if needs:
-        make_regions(conditions, importance, lm.model, out / "regions", scope, seed, fused)
-    # lm_eval merges model_args into task metadata (its CLI: model_args | --metadata); an LM
-    # object passed to simple_evaluate gets none, so compose them here the same way.
-    meta = {**hf_args, **options.metadata, **(task_metadata or {})}
-    manager = TaskManager(include_path=include_ours(options.include_path), metadata=meta)
-    run_kwargs = options.evaluate_kwargs()
+    if needs:  # from the file, tensor by tensor: no weights needed, reused when made before
+        make_regions(conditions, importance, _skeleton(session), out / "regions", scope, seed,
+                     fused, log=log)
     per_condition: dict[str, dict[str, Any]] = {}
     timings = {}
     for c in conditions:
         t0 = time.perf_counter()
         result_file = out / "results" / f"{_slug(c.label)}.json"
-        key = _condition_key(c, path, tasks, limit, {**args, **meta, **run_kwargs})
-        if resume and result_file.exists():
-            old = json.loads(result_file.read_text(encoding="utf-8"))
-            if old.get("lmeval_regions_key") == key:
-                per_condition[c.label] = old
-                timings[c.label] = old.get("lmeval_regions_seconds", 0.0)
-                log(f"[table] {c.label}: reused {result_file}")
-                continue
-        if c.region is not None:
-            lm.apply_edits(f"{c.region}@{c.intervention}")
-        try:
-            res = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager,
-                                          limit=limit, batch_size=batch_size, device=device,
-                                          **run_kwargs)
-        finally:
-            lm.restore_edits()
+        key = session.key(c, tasks)
+        res = _read_back(result_file, key, tasks) if resume else None
+        if res is None and resume:
+            for folder in reuse:
+                res = _read_back(Path(folder) / f"{_slug(c.label)}.json", key, tasks)
+                if res is not None:
+                    res["lmeval_regions_key"] = key
+                    res["lmeval_regions_taken_from"] = str(Path(folder) / f"{_slug(c.label)}.json")
+                    write_text_atomic(result_file, json.dumps(res, indent=1, default=str))
+                    break
+        if res is not None:
+            per_condition[c.label] = res
+            timings[c.label] = res.get("lmeval_regions_seconds", 0.0)
+            log(f"[table] {c.label}: reused {res.get('lmeval_regions_taken_from', result_file)}")
+            continue
+        res = session.evaluate(c, tasks)
         timings[c.label] = round(time.perf_counter() - t0, 1)
         res.pop("samples", None)
         res["lmeval_regions_key"] = key
@@ -352,13 +500,55 @@ def run_grid(pretrained: str, conditions: list[Condition], tasks: list[str], out
         per_condition[c.label] = res
         log(f"[table] {c.label}: {timings[c.label]} s")
     table = build_table(per_condition, metric)
-    table.meta.update({"model": pretrained, "tasks": tasks, "limit": limit, "scope": scope,
-                       "seed": seed, "fused": fused, "importance": importance,
-                       "task_metadata": meta, "options": asdict(options), "seconds": timings,
-                       "conditions": [asdict(c) for c in conditions]})
+    table.meta.update({"model": pretrained, "tasks": tasks, "limit": options.limit,
+                       "scope": scope, "seed": seed, "fused": fused, "importance": importance,
+                       "task_metadata": session.meta, "options": asdict(options),
+                       "seconds": timings, "conditions": [asdict(c) for c in conditions]})
     write_text_atomic(out / "table.md", table.markdown())
     write_text_atomic(out / "table.json", json.dumps(table.to_json(), indent=1, default=str))
     return table
+
+
+def _skeleton(session: GridSession):
+    """The model's structure on the meta device (no weights), to check an importance file
+    against before any condition runs; None when its config cannot be read that way."""
+    from lmeval_regions.models import ModelConfig, meta_model
+
+    args = session.hf_args
+    if args.get("gguf_file") or args.get("peft") or args.get("delta"):
+        return None  # parameter names come from more than the config
+    try:
+        return meta_model(ModelConfig(model=session.path, device="cpu",
+                                      revision=args.get("revision") or None,
+                                      trust_remote_code=bool(args.get("trust_remote_code"))))
+    except Exception:  # noqa: BLE001 - e.g. an offline hub id: checked when applied instead
+        return None
+
+
+def _read_back(path: Path, key: str, tasks: list[str]) -> dict[str, Any] | None:
+    """The results saved at ``path`` if they were made as ``key`` says, on ``tasks`` or on a
+    superset of them (then restricted to ``tasks``); else None."""
+    if not path.exists():
+        return None
+    old = json.loads(path.read_text(encoding="utf-8"))
+    old_key = old.get("lmeval_regions_key")
+    if old_key == key:
+        return old
+    if not isinstance(old_key, str):
+        return None
+    a, b = json.loads(old_key), json.loads(key)
+    if {k: v for k, v in a.items() if k != "tasks"} != {k: v for k, v in b.items()
+                                                          if k != "tasks"}:
+        return None
+    if not set(tasks) <= set(a["tasks"]) or old.get("groups"):
+        return None  # (a group's aggregate would change with its members: not restricted)
+    sub = dict(old)
+    for k in ("results", "configs", "versions", "n-shot", "higher_is_better", "n-samples"):
+        if isinstance(old.get(k), dict):
+            sub[k] = {t: v for t, v in old[k].items() if t in tasks}
+    sub["group_subtasks"] = {t: v for t, v in old.get("group_subtasks", {}).items()
+                             if t in tasks}
+    return sub
 
 
 def _condition_key(c: Condition, path: str, tasks: list[str], limit, args: dict) -> str:

@@ -16,6 +16,13 @@ Everything ``hf`` accepts keeps working (``pretrained``, ``dtype``, ``device``, 
 ``neuron_set``         which set(s) of it, e.g. ``ar`` or ``ar+es`` (needed if it holds several).
 ``neuron_intervention`` ``zero`` (default), ``scale:X``, ``mean`` (the stored mean activation) or
                        ``noise:STD[/SEED]`` (seeded Gaussian noise on the selected neurons).
+``batch_order``        ``length`` (default): with a batch size above 1, perplexity documents
+                       (``loglikelihood_rolling``) are batched longest first; ``request``:
+                       in request order, as ``hf`` batches them. Each batch is padded to its
+                       longest document: on the UDHR held-out units request order adds 62 %
+                       (batch 4) to 98 % (batch 8) padding tokens, length order 2-4 %. The
+                       order changes no document's computation, only which documents share a
+                       matrix product (values agree to ~1e-6; batch size 1 is unaffected).
 =====================  ===========================================================================
 
 Everything is checked before the model loads: region files exist and are region artefacts,
@@ -49,7 +56,9 @@ from lmeval_regions.models import ModelConfig, meta_model, resolve_pretrained
 from lmeval_regions.neurons import NeuronMode, NeuronSet
 
 MODEL_NAME = "hf-regions"
-OUR_KEYS = ("region", "intervention", "neurons", "neuron_set", "neuron_intervention")
+OUR_KEYS = ("region", "intervention", "neurons", "neuron_set", "neuron_intervention",
+            "batch_order")
+BATCH_ORDERS = ("length", "request")
 log = logging.getLogger("lm_eval.models.hf_regions")  # shown wherever lm_eval's log is
 
 
@@ -127,7 +136,11 @@ class HFRegionsLM(HFLM):
     def __init__(self, pretrained: Any = None, region: str | None = None,
                  intervention: str = "zero", neurons: str | None = None,
                  neuron_set: str | None = None, neuron_intervention: str = "zero",
-                 **kwargs: Any) -> None:
+                 batch_order: str = "length", **kwargs: Any) -> None:
+        if batch_order not in BATCH_ORDERS:
+            raise RegionsError(f"hf-regions: batch_order '{batch_order}' is not one of "
+                               f"{BATCH_ORDERS}")
+        self.batch_order = batch_order
         if pretrained is None:
             raise RegionsError("hf-regions: model_args needs 'pretrained' (a folder, a hub id, "
                                "or an embedded model: gemma-3-270m, smollm2-135m)")
@@ -223,7 +236,22 @@ class HFRegionsLM(HFLM):
         """What this model has applied: ``{"edits": [...], "neurons": {...} | None}``."""
         return {"edits": list(self._region_log), "neurons": self._neuron_log}
 
+    # ---- batching ---------------------------------------------------------------------
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """lm-eval's, with the documents taken longest first when batched (``batch_order``):
+        lm-eval batches rolling windows in request order and pads each batch to its longest."""
+        if self.batch_order == "request" or self.batch_size == 1 or len(requests) < 2:
+            return super().loglikelihood_rolling(requests, disable_tqdm)
+        lengths = [len(self.tok_encode(r.args[0])) for r in requests]
+        order = sorted(range(len(requests)), key=lambda i: -lengths[i])  # stable on ties
+        got = super().loglikelihood_rolling([requests[i] for i in order], disable_tqdm)
+        out: list[float] = [0.0] * len(requests)
+        for i, value in zip(order, got):
+            out[i] = value
+        return out
+
     def get_model_info(self) -> dict:
         info = super().get_model_info()
         info["regions"] = self.applied
+        info["batch_order"] = self.batch_order
         return info

@@ -14,7 +14,9 @@ needed here; per row means per logical output row (a GPT-2 ``Conv1D`` weight is 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Iterable, Literal, Mapping, Sequence
 
@@ -23,7 +25,8 @@ import torch
 from lmeval_regions.errors import ArtefactError, RegionsError, did_you_mean
 from lmeval_regions.importance import SummedScores, criterion_of, lazy_scores
 from lmeval_regions.regions.ranking import (METHODS, check_ratio, n_select, seed_for,
-                                            select_flat, select_global)
+                                            select_flat, select_global, select_matrices,
+                                            shapes_of)
 from lmeval_regions.regions.region import Region, index_dtype
 
 Method = Literal["top", "bottom", "middle", "random"]
@@ -136,23 +139,41 @@ def select(
     for n in names:
         if n not in scores:
             raise RegionsError(f"no scores for parameter '{n}'." + did_you_mean(n, scores))
+    # Every tensor read below is done with before the same thread reads another: a lazy
+    # mapping may serve the reads from one buffer per thread.
+    transient = getattr(scores, "transient_reads", None)
+    with transient() if callable(transient) else nullcontext():
+        return _select(scores, method, ratio, scope, seed, model, names, source, fused, layouts)
+
+
+def _select(scores, method, ratio, scope, seed, model, names, source, fused, layouts) -> Region:
     indices: dict[str, torch.Tensor] = {}
     shapes: dict[str, list[int]] = {}
     split: dict[str, list[str]] = {}
     if scope == "global":
         indices, shapes = select_global(scores, names, method, ratio, seed)
     else:
+        shapes = shapes_of(scores, names)
+        layout = {}
         for n in names:
-            x = scores[n].detach()
-            shapes[n] = list(x.shape)
             lay = (layouts or {}).get(n)
-            out_dim, parts = _parts(n, lay, shapes[n]) if lay else (0, {})
-            if scope == "matrix" and parts and fused == "split":
+            layout[n] = _parts(n, lay, shapes[n]) if lay else (0, {})
+        # Whole matrices (not split into logical parts): ranked several at once, each read
+        # once (random reads none).
+        whole = [n for n in names
+                 if scope == "matrix" and not (layout[n][1] and fused == "split")]
+        done = select_matrices(lambda n: _ranked(scores[n].detach().reshape(-1)), whole,
+                               {n: math.prod(shapes[n]) for n in whole}, ratio, method,
+                               {n: seed_for(seed, n) for n in whole}) if whole else {}
+        for n in names:
+            if n in done:
+                indices[n] = done[n]
+                continue
+            x = scores[n].detach()
+            out_dim, parts = layout[n]
+            if scope == "matrix":
                 idx = _select_parts(x, out_dim, parts, method, ratio, seed, n)
                 split[n] = list(parts)
-            elif scope == "matrix":
-                flat = _ranked(x.reshape(-1))
-                idx = select_flat(flat, n_select(flat.numel(), ratio), method, seed_for(seed, n))
             else:
                 idx = _select_rows(x, out_dim, method, ratio, seed, n)
             indices[n] = idx.to(index_dtype(x.numel()))

