@@ -41,6 +41,7 @@ def main() -> None:
 
     if args.model == "tiny-llama":
         from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
         from lmeval_regions.models import resolve_pretrained
         tok = AutoTokenizer.from_pretrained(resolve_pretrained("smollm2-135m"))
         torch.manual_seed(0)

@@ -114,8 +114,7 @@ def main() -> None:
     from lmeval_regions.eval.grid import Condition, GridSession, LmEvalConfig
     from lmeval_regions.importance import Importance, ImportanceConfig, compute_importance
     from lmeval_regions.interventions import Editor
-    from lmeval_regions.paper import (HELDOUT_START, PAPER1_TABLE5_LANGS, UDHR_FILE,
-                                      UDHR_LANGS)
+    from lmeval_regions.paper import HELDOUT_START, PAPER1_TABLE5_LANGS, UDHR_FILE, UDHR_LANGS
     from lmeval_regions.regions import Region, monolingual, select_file
 
     batch_sizes = [int(b) for b in a.batch_sizes.split(",")]

@@ -56,11 +56,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default="benchmarks/results/importance.json")
     args = ap.parse_args(argv)
 
-    from lmeval_regions.models import block_parameters
     from lmeval_regions.artefacts import write_text_atomic
     from lmeval_regions.corpora import batches, load_parallel
     from lmeval_regions.importance import ImportanceAccumulator
-    from lmeval_regions.models import load_model
+    from lmeval_regions.models import block_parameters, load_model
 
     model, tok = load_model(args.model)
     texts = [u["text"] for u in load_parallel(langs=[args.lang])[args.lang][: args.batch_size]]

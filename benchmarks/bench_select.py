@@ -58,8 +58,7 @@ def layout(n_layers: int) -> dict[str, tuple[torch.dtype, list[int]]]:
 def generate(path: Path, n_layers: int, seed: int = 0) -> dict:
     """Positive scores, log-uniform over 2^-31..2^17 (random bf16 bit patterns: cheap to make
     at 6.5 B entries), one piece in memory at a time."""
-    from lmeval_regions.artefacts import model_fingerprint
-    from lmeval_regions.artefacts import write_safetensors
+    from lmeval_regions.artefacts import model_fingerprint, write_safetensors
 
     lay = layout(n_layers)
     g = torch.Generator().manual_seed(seed)

@@ -25,8 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # trainer_ext from a checkout
 
-from lmeval_regions.models import block_parameters
 from lmeval_regions.artefacts import model_fingerprint, write_text_atomic
+from lmeval_regions.models import block_parameters
 from lmeval_regions.regions import select
 from trainer_ext import FreezeRegionCallback, FreezeRegionConfig, ImportanceCallback
 

@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterable
 
 from .errors import RegionsError
 
+
 def split_top_level(text: str, sep: str = ",") -> list[str]:
     """``text`` split at ``sep`` outside brackets: ``"a=w[:, 5],b"`` -> ``["a=w[:, 5]", "b"]``
     (entry specs and JSON values keep their commas)."""

@@ -28,8 +28,15 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 
 
 def tiny_config(arch: str, vocab_size: int = 128):
-    from transformers import (BloomConfig, Gemma3TextConfig, GPT2Config, GPTNeoXConfig,
-                              LlamaConfig, Phi3Config, Qwen2Config)
+    from transformers import (
+        BloomConfig,
+        Gemma3TextConfig,
+        GPT2Config,
+        GPTNeoXConfig,
+        LlamaConfig,
+        Phi3Config,
+        Qwen2Config,
+    )
 
     if arch == "llama":
         return LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
@@ -165,9 +172,9 @@ def gemma_core_importance(gemma, shared_data) -> Path:
     import json
 
     from lmeval_regions.artefacts import file_digest, model_fingerprint
+    from lmeval_regions.cache import cache_dir
     from lmeval_regions.corpora import batches, load_parallel
     from lmeval_regions.importance import ImportanceConfig, combine, compute_importance
-    from lmeval_regions.cache import cache_dir
 
     model, tok = gemma
     udhr = shared_data / "udhr_parallel_31.jsonl"

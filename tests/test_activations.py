@@ -6,12 +6,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import tiny_model
-from lmeval_regions.activations import (ACT_SITE, SITE, ActivationConfig, Activations,
-                                        activation_probabilities, capture)
-from lmeval_regions.models import find_layout, find_mlp_activations
+
+from lmeval_regions.activations import (
+    ACT_SITE,
+    SITE,
+    ActivationConfig,
+    Activations,
+    activation_probabilities,
+    capture,
+)
 from lmeval_regions.errors import ArtefactError, ModelMismatchError, RegionsError
+from lmeval_regions.models import find_layout, find_mlp_activations
 
 
 class CharTokenizer:

@@ -11,7 +11,11 @@ from conftest import tiny_model
 
 from lmeval_regions.artefacts import format as artefacts
 from lmeval_regions.artefacts import (
-    load_artefact, model_fingerprint, read_metadata, save_artefact, write_text_atomic,
+    load_artefact,
+    model_fingerprint,
+    read_metadata,
+    save_artefact,
+    write_text_atomic,
 )
 from lmeval_regions.errors import ArtefactError
 from lmeval_regions.importance import Importance
@@ -79,9 +83,8 @@ def test_wrong_kind_and_out_of_range_indices(tmp_path):
 
 
 def test_region_from_another_model_names_first_mismatch(tmp_path):
-    from transformers import AutoModelForCausalLM
-
     from conftest import tiny_config
+    from transformers import AutoModelForCausalLM
     _, _, path = make_region(tmp_path)
     cfg = tiny_config("llama")
     cfg.hidden_size, cfg.intermediate_size = 48, 64

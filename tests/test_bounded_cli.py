@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import random_batches, tiny_model
+
 from lmeval_regions.cli import main
 from lmeval_regions.importance import Importance, SummedScores, combine, compute_importance
 from lmeval_regions.regions import Region, monolingual, select_files, select_from_importance

@@ -20,12 +20,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, tiny_model
 
 from lmeval_regions.cli import main
 from lmeval_regions.importance import Importance, combine
 from lmeval_regions.regions import Region
-
-from conftest import REPO, tiny_model
 
 LANGS = ["en", "fr", "de"]
 TEXTS = {
@@ -78,10 +77,10 @@ def work(tiny_lm_dir, tmp_path_factory):
         assert main(["extract", "--importance", str(d / "imp.safetensors"), "--method", m,
                      "--ratio", "0.05", "--out", str(d / f"{m}.safetensors")]) == 0
     # another model: a tiny Llama with a 128-entry vocabulary (the lm_head differs)
+    from conftest import random_batches
+
     from lmeval_regions.importance import compute_importance
     from lmeval_regions.regions import select_from_importance
-
-    from conftest import random_batches
 
     other = compute_importance(tiny_model("llama"), random_batches(), languages=["en"],
                                progress=False)

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import tiny_model
+
 from lmeval_regions.corpora import Conditioning, batches, collate, packed_sequences
 from lmeval_regions.errors import RegionsError
 from lmeval_regions.perplexity import batch_perplexity

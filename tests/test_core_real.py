@@ -16,12 +16,12 @@ import time
 import pytest
 
 from lmeval_regions.artefacts import write_text_atomic
+from lmeval_regions.cache import cache_dir
 from lmeval_regions.corpora import load_parallel
-from lmeval_regions.paper import UDHR_LANGS
-from lmeval_regions.perplexity import perplexity
 from lmeval_regions.importance import Importance
 from lmeval_regions.interventions import Editor
-from lmeval_regions.cache import cache_dir
+from lmeval_regions.paper import UDHR_LANGS
+from lmeval_regions.perplexity import perplexity
 from lmeval_regions.regions import select_from_importance
 
 EVAL_MAX_LENGTH = 128  # tokens per held-out unit (most UDHR units are shorter)

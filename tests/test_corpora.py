@@ -10,14 +10,19 @@ import json
 from pathlib import Path
 
 import pytest
+from test_conditioning import TEXTS, assert_same_batches, old_batches
 
-from lmeval_regions.corpora import (Conditioning, CorpusConfig, batches, find_data_file,
-                                    load_parallel)
+from lmeval_regions.corpora import (
+    Conditioning,
+    CorpusConfig,
+    batches,
+    find_data_file,
+    load_parallel,
+)
 from lmeval_regions.errors import RegionsError
 from lmeval_regions.paper import UDHR_FILE
 from lmeval_regions.parsing import count
 from lmeval_regions.perplexity import batch_perplexity
-from test_conditioning import TEXTS, assert_same_batches, old_batches
 
 
 def test_text_ppl_task_equals_corpus_stream(tiny_lm_dir, smollm_tokenizer, tmp_path):

@@ -9,8 +9,14 @@ from conftest import random_batches, tiny_model
 
 from lmeval_regions.artefacts import model_fingerprint, save_artefact
 from lmeval_regions.errors import RegionsError
-from lmeval_regions.importance import (CRITERIA, Importance, ImportanceConfig, ImportancePass,
-                                       compute_importance, iter_importances)
+from lmeval_regions.importance import (
+    CRITERIA,
+    Importance,
+    ImportanceConfig,
+    ImportancePass,
+    compute_importance,
+    iter_importances,
+)
 from lmeval_regions.models import block_parameters
 from lmeval_regions.regions import Region, select_file, select_from_importance
 

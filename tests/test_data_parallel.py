@@ -129,8 +129,8 @@ def test_activations_launched_on_two_ranks_equal_one_process(tiny_lm_dir, corpus
 
 def _worker(rank: int, port: int) -> None:
     import torch.distributed as dist
-
     from conftest import random_batches, tiny_model
+
     from lmeval_regions.errors import RegionsError
     from lmeval_regions.importance import compute_importance
     from lmeval_regions.models import data_parallel

@@ -3,21 +3,33 @@ shapes, outliers, perturbations and plots."""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
-
 from conftest import random_batches, tiny_model
-from lmeval_regions.dimensions import dimension_sweep, norm_perturbation, perturbation_table
-from lmeval_regions.dimensions import (SETTINGS, dimension_counts, hidden_dim_ranking,
-                                       hidden_dims_region, removal_table, select_dims,
-                                       structured_region)
+
+from lmeval_regions.dimensions import (
+    SETTINGS,
+    OutlierConfig,
+    dimension_counts,
+    dimension_sweep,
+    find_outliers,
+    hidden_dim_ranking,
+    hidden_dims_region,
+    norm_perturbation,
+    perturbation_table,
+    removal_table,
+    select_dims,
+    structured_region,
+)
 from lmeval_regions.errors import RegionsError
 from lmeval_regions.models import find_module_map
-from lmeval_regions.dimensions import OutlierConfig, find_outliers
-from lmeval_regions.studies.region_plots import (neighbourhood_density, plot_distribution,
-                                         plot_region_heatmaps, plot_sweep)
 from lmeval_regions.regions import Region, from_specs
+from lmeval_regions.studies.region_plots import (
+    neighbourhood_density,
+    plot_distribution,
+    plot_region_heatmaps,
+    plot_sweep,
+)
 
 # ---- selection rules --------------------------------------------------------------------
 

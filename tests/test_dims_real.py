@@ -6,12 +6,16 @@ import pytest
 import torch
 
 from lmeval_regions.corpora import batches, load_parallel
-from lmeval_regions.perplexity import perplexity
-from lmeval_regions.dimensions import dimension_sweep, norm_perturbation
-from lmeval_regions.dimensions import structured_region
+from lmeval_regions.dimensions import (
+    OutlierConfig,
+    dimension_sweep,
+    find_outliers,
+    norm_perturbation,
+    structured_region,
+)
 from lmeval_regions.interventions import Editor
 from lmeval_regions.models import find_module_map
-from lmeval_regions.dimensions import OutlierConfig, find_outliers
+from lmeval_regions.perplexity import perplexity
 from lmeval_regions.regions import from_specs
 
 pytestmark = pytest.mark.slow

@@ -33,11 +33,12 @@ def _worker(rank: int, kind: str, init_file: str, out_dir: str) -> None:
 
 def _run(rank: int, kind: str, out_dir: str) -> None:
     from conftest import tiny_model
-    from lmeval_regions.models import block_parameters
+    from trainer_utils import top_region
+
     from lmeval_regions.importance import Importance, ImportanceAccumulator
+    from lmeval_regions.models import block_parameters
     from trainer_ext import FreezeRegionAdapter, ImportanceCallback
     from trainer_ext.sharding import full_tensor, local
-    from trainer_utils import top_region
 
     model = tiny_model("llama")  # same seed on both ranks: identical replicas
     region = top_region(model, 0.05)

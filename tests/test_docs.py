@@ -27,7 +27,6 @@ from functools import lru_cache
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "scripts"))

@@ -7,16 +7,15 @@ import json
 
 import pytest
 import torch
-
 from conftest import random_batches, tiny_model
+from trainer_utils import make_trainer, top_region
+
 from lmeval_regions.errors import RegionsError
+from lmeval_regions.models import block_parameters
+from lmeval_regions.regions import select
 from trainer_ext import FreezeRegionAdapter, FreezeRegionCallback, FreezeRegionConfig
 from trainer_ext.freeze_config import CONFIG_NAME
 from trainer_ext.importance_callback import ImportanceCallback  # noqa: F401  (import check)
-from trainer_utils import make_trainer, top_region
-
-from lmeval_regions.models import block_parameters
-from lmeval_regions.regions import select
 
 
 def region_values(model, region):

@@ -6,15 +6,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import random_batches, tiny_config, tiny_model
+
 from lmeval_regions.dimensions import SETTINGS, find_outliers, hidden_dims_region, structured_region
 from lmeval_regions.errors import RegionsError
 from lmeval_regions.importance import Importance, compute_importance
-from lmeval_regions.models import (check_module_map, find_module_map, matrix_layouts, meta_model,
-                                   qkv_rows)
-from lmeval_regions.regions import (Region, n_select, select, select_file,
-                                    select_from_importance)
+from lmeval_regions.models import (
+    check_module_map,
+    find_module_map,
+    matrix_layouts,
+    meta_model,
+    qkv_rows,
+)
+from lmeval_regions.regions import Region, n_select, select, select_file, select_from_importance
 from lmeval_regions.studies.region_plots import plot_region_heatmaps
 
 FUSED_ARCHS = ["gpt_neox", "bloom", "gpt2"]

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from conftest import random_batches, tiny_model
 
-from lmeval_regions.models import block_parameters
 from lmeval_regions.errors import ArtefactError, ModelMismatchError, RegionsError
 from lmeval_regions.importance import (
-    Importance, ImportanceAccumulator, ImportanceConfig, combine, compute_importance,
+    Importance,
+    ImportanceAccumulator,
+    ImportanceConfig,
+    combine,
+    compute_importance,
 )
+from lmeval_regions.models import block_parameters
 
 
 def reference_importance(model, batches, names, mode):
@@ -178,9 +181,8 @@ def test_save_load_combine(tmp_path, model):
 
 
 def test_importance_from_another_model_names_first_mismatch(tmp_path):
-    from transformers import AutoModelForCausalLM
-
     from conftest import tiny_config
+    from transformers import AutoModelForCausalLM
 
     a = tiny_model("llama")
     imp = compute_importance(a, random_batches(n=1), progress=False)

@@ -9,7 +9,11 @@ from conftest import random_batches, tiny_model
 from lmeval_regions.errors import RegionsError
 from lmeval_regions.importance import compute_importance
 from lmeval_regions.interventions import (
-    Editor, Intervention, intervened, parse_edits, resolve_target,
+    Editor,
+    Intervention,
+    intervened,
+    parse_edits,
+    resolve_target,
 )
 from lmeval_regions.regions import Region, from_specs, select, select_from_importance
 

@@ -12,7 +12,6 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("lmeval_regions", "trainer_ext")
 

@@ -11,7 +11,6 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
 from lm_eval_helpers import TASK, udhr_texts, write_ppl_task
 
 REPO = Path(__file__).resolve().parent.parent

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from lm_eval_helpers import TASK, sample_loglikelihoods, udhr_texts, write_ppl_task
+
 from lmeval_regions.errors import RegionsError
 from lmeval_regions.regions import select
 
@@ -157,8 +157,9 @@ def test_unknown_neuron_set_and_keys_do_not_reach_from_pretrained(tiny_lm_dir, t
 
 
 def test_offloaded_parameter_is_a_clear_error(tiny_lm_dir):
-    from lmeval_regions.eval.model import HFRegionsLM
     from transformers import AutoTokenizer
+
+    from lmeval_regions.eval.model import HFRegionsLM
 
     model = _load(tiny_lm_dir)
     w = model.model.layers[0].mlp.down_proj.weight

@@ -12,11 +12,10 @@ import sys
 import time
 
 import pytest
+from conftest import REPO, random_batches, tiny_model
 
 from lmeval_regions.cli import main
 from lmeval_regions.importance import Importance, compute_importance
-
-from conftest import REPO, random_batches, tiny_model
 
 
 def _env(**extra) -> dict[str, str]:

@@ -8,8 +8,8 @@ import os
 
 import pytest
 import torch
-
 from conftest import tiny_model
+
 from lmeval_regions.activations import ACT_SITE
 from lmeval_regions.errors import ArtefactError, RegionsError
 from lmeval_regions.models import find_layout

@@ -7,13 +7,13 @@ import math
 
 import pytest
 import torch
-
 from conftest import tiny_model
-from lmeval_regions.activations import ACT_SITE, SITE, Activations
-from lmeval_regions.models import find_layout
-from lmeval_regions.errors import ArtefactError, ModelMismatchError, RegionsError
-from lmeval_regions.neurons import NeuronAnalysisConfig, NeuronMode, NeuronSet
+
 from lmeval_regions import neurons as N
+from lmeval_regions.activations import ACT_SITE, SITE, Activations
+from lmeval_regions.errors import ArtefactError, ModelMismatchError, RegionsError
+from lmeval_regions.models import find_layout
+from lmeval_regions.neurons import NeuronAnalysisConfig, NeuronMode, NeuronSet
 
 LANGS = ["ar", "zh", "en", "fr", "es", "ru", "hi", "vi"]
 N_MEAN, N_LAYERS, N_NEUR = 6, 2, 20

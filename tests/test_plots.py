@@ -10,11 +10,15 @@ from itertools import combinations
 
 import pytest
 import torch
-
-from lmeval_regions.studies import further_pretrain, neuron_report, plotting, region_plots
-from lmeval_regions.studies import robustness
-
 from conftest import tiny_model
+
+from lmeval_regions.studies import (
+    further_pretrain,
+    neuron_report,
+    plotting,
+    region_plots,
+    robustness,
+)
 
 LANGS31 = ["ar", "zh", "cs", "da", "nl", "en", "fi", "fr", "de", "el", "hu", "id", "it", "ja",
            "ko", "ms", "ml", "no", "fa", "pl", "pt", "ro", "ru", "es", "sw", "sv", "ta", "tr",

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from conftest import tiny_model
 
 from lmeval_regions.errors import ArtefactError, ModelMismatchError, RegionsError
 from lmeval_regions.regions import (
-    Region, distribution, from_specs, monolingual, n_select, overlap, select,
+    Region,
+    distribution,
+    from_specs,
+    monolingual,
+    n_select,
+    overlap,
+    select,
 )
 
 
@@ -279,6 +284,7 @@ def test_entry_spec_errors(spec, match):
 
 def test_region_save_load_and_model_check(tmp_path, arch):
     from conftest import random_batches
+
     from lmeval_regions.importance import compute_importance as ci
     from lmeval_regions.regions import select_from_importance
 

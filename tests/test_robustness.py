@@ -11,9 +11,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from lmeval_regions.corpora import batches
 from lmeval_regions.errors import RegionsError
 from lmeval_regions.importance import Importance, combine, compute_importance
-from lmeval_regions.corpora import batches
 from lmeval_regions.models.architecture import matrix_kind
 from lmeval_regions.perplexity import perplexities
 from lmeval_regions.studies.robustness import RobustnessConfig, run_robustness

@@ -8,16 +8,22 @@ import socket
 
 import pytest
 import torch
-
 from conftest import tiny_model
+
 from lmeval_regions import regions
-from lmeval_regions.regions import ranking
-from lmeval_regions.errors import ArtefactError
-from lmeval_regions.importance import (Importance, ImportanceConfig,
-                                       add_stochastic_bf16, compute_importance)
-from lmeval_regions.importance import merge_shards, save_shard, shard_path, shard_paths
 from lmeval_regions.artefacts import LazyScores, write_safetensors
-from lmeval_regions.regions import select_file
+from lmeval_regions.errors import ArtefactError
+from lmeval_regions.importance import (
+    Importance,
+    ImportanceConfig,
+    add_stochastic_bf16,
+    compute_importance,
+    merge_shards,
+    save_shard,
+    shard_path,
+    shard_paths,
+)
+from lmeval_regions.regions import ranking, select_file
 
 
 def _brute(scores, names, method, ratio):

@@ -14,14 +14,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, random_batches, tiny_model
 
 from lmeval_regions.cli import main
 from lmeval_regions.errors import ArtefactError
-from lmeval_regions.importance import (CRITERIA, NON_NEGATIVE, Importance, combine,
-                                       combine_files, compute_importance, lazy_scores)
+from lmeval_regions.importance import (
+    CRITERIA,
+    NON_NEGATIVE,
+    Importance,
+    combine,
+    combine_files,
+    compute_importance,
+    lazy_scores,
+)
 from lmeval_regions.regions import select, select_file
-
-from conftest import REPO, random_batches, tiny_model
 
 BAD = "model.layers.1.mlp.down_proj.weight"
 

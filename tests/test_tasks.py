@@ -271,9 +271,8 @@ def test_gemma_token_perplexity_with_add_bos_false_is_paper_metric(gemma, shared
     from lm_eval.models.huggingface import HFLM
 
     from lmeval_regions.corpora import load_parallel
-
-    from lmeval_regions.perplexity import perplexity
     from lmeval_regions.models import resolve_pretrained
+    from lmeval_regions.perplexity import perplexity
 
     model, tok = gemma
     lm = HFLM(pretrained=model, tokenizer=tok, add_bos_token=False, batch_size=1)

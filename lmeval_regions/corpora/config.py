@@ -17,11 +17,24 @@ from typing import Any, Iterator, Literal
 
 import torch
 
-from lmeval_regions.corpora.batches import (Conditioning, Sequence, collate, encode,
-                                            packed_sequences, pad_id, scored, single_sequences)
+from lmeval_regions.corpora.batches import (
+    Conditioning,
+    Sequence,
+    collate,
+    encode,
+    packed_sequences,
+    pad_id,
+    scored,
+    single_sequences,
+)
 from lmeval_regions.corpora.parallel import find_data_file
-from lmeval_regions.corpora.sources import (Source, fingerprint, has_lang_column, iter_rows,
-                                            parse_source)
+from lmeval_regions.corpora.sources import (
+    Source,
+    fingerprint,
+    has_lang_column,
+    iter_rows,
+    parse_source,
+)
 from lmeval_regions.errors import RegionsError, did_you_mean
 from lmeval_regions.paper import HELDOUT_START, PAPER1_TRAIN_LANGS, UDHR_FILE, resolve_langs
 from lmeval_regions.parsing import count, pairs

@@ -7,15 +7,35 @@ removal, outlier dimensions, single-dimension and single-parameter perturbations
 * :mod:`.sweep` -- single-dimension sweeps, single-parameter perturbations, generations.
 """
 
-from lmeval_regions.dimensions.outliers import (OutlierConfig, OutlierReport, find_outliers,
-                                                hidden_state_stats, massive_activation_dims,
-                                                norm_weight_outliers, top_dims_per_layer)
-from lmeval_regions.dimensions.structured import (PAPER_LABELS, SETTINGS, check_setting,
-                                                  dimension_counts, dims_region,
-                                                  hidden_dim_ranking, hidden_dims_region,
-                                                  removal_table, select_dims, structured_region)
-from lmeval_regions.dimensions.sweep import (PERTURBATIONS, dimension_sweep, generate, generations,
-                                             norm_perturbation, perturbation_table)
+from lmeval_regions.dimensions.outliers import (
+                                                OutlierConfig,
+                                                OutlierReport,
+                                                find_outliers,
+                                                hidden_state_stats,
+                                                massive_activation_dims,
+                                                norm_weight_outliers,
+                                                top_dims_per_layer,
+)
+from lmeval_regions.dimensions.structured import (
+                                                PAPER_LABELS,
+                                                SETTINGS,
+                                                check_setting,
+                                                dimension_counts,
+                                                dims_region,
+                                                hidden_dim_ranking,
+                                                hidden_dims_region,
+                                                removal_table,
+                                                select_dims,
+                                                structured_region,
+)
+from lmeval_regions.dimensions.sweep import (
+                                                PERTURBATIONS,
+                                                dimension_sweep,
+                                                generate,
+                                                generations,
+                                                norm_perturbation,
+                                                perturbation_table,
+)
 
 __all__ = ["OutlierConfig", "OutlierReport", "PAPER_LABELS", "PERTURBATIONS", "SETTINGS",
            "check_setting", "dimension_counts", "dimension_sweep", "dims_region",

@@ -26,8 +26,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from lmeval_regions.artefacts import (check_fingerprint, file_digest, read_metadata,
-                                      write_text_atomic)
+from lmeval_regions.artefacts import (
+    check_fingerprint,
+    file_digest,
+    read_metadata,
+    write_text_atomic,
+)
 from lmeval_regions.errors import RegionsError
 from lmeval_regions.eval.console import include_ours
 from lmeval_regions.interventions import Intervention

@@ -11,14 +11,33 @@
 * :mod:`.shards` -- per-rank files under FSDP2 and their merge.
 """
 
-from lmeval_regions.importance.accumulator import (CRITERIA, GRADIENT_CRITERIA, Criterion,
-                                                   ImportanceAccumulator, add_stochastic_bf16)
-from lmeval_regions.importance.artefact import (KIND, NON_NEGATIVE, Importance, SummedScores,
-                                               check_scores, check_summable, combine,
-                                               combine_files, combined_meta, criterion_of,
-                                               lazy_scores)
-from lmeval_regions.importance.compute import (ImportanceConfig, ImportancePass, PassState,
-                                               compute_importance, iter_importances)
+from lmeval_regions.importance.accumulator import (
+                                                   CRITERIA,
+                                                   GRADIENT_CRITERIA,
+                                                   Criterion,
+                                                   ImportanceAccumulator,
+                                                   add_stochastic_bf16,
+)
+from lmeval_regions.importance.artefact import (
+                                                   KIND,
+                                                   NON_NEGATIVE,
+                                                   Importance,
+                                                   SummedScores,
+                                                   check_scores,
+                                                   check_summable,
+                                                   combine,
+                                                   combine_files,
+                                                   combined_meta,
+                                                   criterion_of,
+                                                   lazy_scores,
+)
+from lmeval_regions.importance.compute import (
+                                                   ImportanceConfig,
+                                                   ImportancePass,
+                                                   PassState,
+                                                   compute_importance,
+                                                   iter_importances,
+)
 from lmeval_regions.importance.criteria import InputNorms, magnitude_scores
 from lmeval_regions.importance.shards import merge_shards, save_shard, shard_path, shard_paths
 

@@ -27,8 +27,14 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from lmeval_regions.artefacts import (LazyScores, check_fingerprint, check_same_model,
-                                      load_artefact, read_metadata, write_safetensors)
+from lmeval_regions.artefacts import (
+    LazyScores,
+    check_fingerprint,
+    check_same_model,
+    load_artefact,
+    read_metadata,
+    write_safetensors,
+)
 from lmeval_regions.errors import ArtefactError, RegionsError
 from lmeval_regions.importance.accumulator import CRITERIA
 

@@ -20,8 +20,7 @@ from torch import nn
 
 from lmeval_regions.artefacts import model_fingerprint
 from lmeval_regions.errors import RegionsError, did_you_mean
-from lmeval_regions.importance.accumulator import (CRITERIA, GRADIENT_CRITERIA,
-                                                   ImportanceAccumulator)
+from lmeval_regions.importance.accumulator import CRITERIA, GRADIENT_CRITERIA, ImportanceAccumulator
 from lmeval_regions.importance.artefact import Importance
 from lmeval_regions.importance.criteria import InputNorms, magnitude_scores
 from lmeval_regions.models import parallel

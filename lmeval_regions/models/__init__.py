@@ -12,18 +12,47 @@ inside a model, found by module structure (never by the model's name).
   the process group, round-robin batches, the sum over ranks.
 """
 
-from lmeval_regions.models.architecture import (BlockLayout, MlpActivations, block_parameters,
-                                                find_layout, find_mlp_activations, init_std,
-                                                linear_shape, matrix_kind, named_param,
-                                                text_config)
-from lmeval_regions.models.embedded import (DEFAULT_MODEL, EMBEDDED, EmbeddedModel, is_embedded,
-                                            resolve_pretrained)
+from lmeval_regions.models.architecture import (
+                                                BlockLayout,
+                                                MlpActivations,
+                                                block_parameters,
+                                                find_layout,
+                                                find_mlp_activations,
+                                                init_std,
+                                                linear_shape,
+                                                matrix_kind,
+                                                named_param,
+                                                text_config,
+)
+from lmeval_regions.models.embedded import (
+                                                DEFAULT_MODEL,
+                                                EMBEDDED,
+                                                EmbeddedModel,
+                                                is_embedded,
+                                                resolve_pretrained,
+)
 from lmeval_regions.models.loading import ModelConfig, load_model, meta_model
-from lmeval_regions.models.module_map import (FUSED_QKV, ROLES, ModuleMap, Norm, Projection,
-                                              check_module_map, find_module_map,
-                                              matrix_layouts, qkv_rows)
-from lmeval_regions.models.parallel import (BatchDigest, DataParallel, all_reduce_, barrier,
-                                            data_parallel, launched, launched_device, launcher)
+from lmeval_regions.models.module_map import (
+                                                FUSED_QKV,
+                                                ROLES,
+                                                ModuleMap,
+                                                Norm,
+                                                Projection,
+                                                check_module_map,
+                                                find_module_map,
+                                                matrix_layouts,
+                                                qkv_rows,
+)
+from lmeval_regions.models.parallel import (
+                                                BatchDigest,
+                                                DataParallel,
+                                                all_reduce_,
+                                                barrier,
+                                                data_parallel,
+                                                launched,
+                                                launched_device,
+                                                launcher,
+)
 
 __all__ = ["BatchDigest", "BlockLayout", "DEFAULT_MODEL", "DataParallel", "EMBEDDED",
            "EmbeddedModel", "FUSED_QKV", "MlpActivations", "ModelConfig", "ModuleMap", "Norm",

@@ -7,14 +7,36 @@
 """
 
 from lmeval_regions.neurons.importer import import_lape, read_lape_file
-from lmeval_regions.neurons.metrics import (ZSCORE_EPS, KeyNeurons, NeuronAnalysisConfig, PplFn,
-                                            contribution_scores, deactivation_table, direct_ppl,
-                                            key_neurons, language_block_means, lape,
-                                            lape_neurons, layerwise, lrds_sads, neuron_set,
-                                            pair_masks, quantile, random_like, similarity,
-                                            vectors, zscores)
-from lmeval_regions.neurons.sets import (KIND, MODES, ModelLayoutError, NeuronHooks, NeuronMode,
-                                         NeuronSet)
+from lmeval_regions.neurons.metrics import (
+                                            ZSCORE_EPS,
+                                            KeyNeurons,
+                                            NeuronAnalysisConfig,
+                                            PplFn,
+                                            contribution_scores,
+                                            deactivation_table,
+                                            direct_ppl,
+                                            key_neurons,
+                                            language_block_means,
+                                            lape,
+                                            lape_neurons,
+                                            layerwise,
+                                            lrds_sads,
+                                            neuron_set,
+                                            pair_masks,
+                                            quantile,
+                                            random_like,
+                                            similarity,
+                                            vectors,
+                                            zscores,
+)
+from lmeval_regions.neurons.sets import (
+                                            KIND,
+                                            MODES,
+                                            ModelLayoutError,
+                                            NeuronHooks,
+                                            NeuronMode,
+                                            NeuronSet,
+)
 
 __all__ = ["KIND", "KeyNeurons", "MODES", "ModelLayoutError", "NeuronAnalysisConfig",
            "NeuronHooks", "NeuronMode", "NeuronSet", "PplFn", "ZSCORE_EPS",

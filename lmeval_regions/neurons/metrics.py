@@ -43,7 +43,6 @@ from lmeval_regions.errors import RegionsError
 from lmeval_regions.neurons.sets import NeuronHooks, NeuronSet
 from lmeval_regions.perplexity import perplexity
 
-
 ZSCORE_EPS = 1e-5
 """Paper 2's release adds ``10e-6`` (= 1e-5) to every normalised activation before the
 contributions (``run.py``: ``hs / np.linalg.norm(hs, ...) + 10e-6``)."""

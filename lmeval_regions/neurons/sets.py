@@ -38,7 +38,12 @@ import torch
 from torch import nn
 
 from lmeval_regions.activations.capture import SITE
-from lmeval_regions.artefacts import check_fingerprint, load_artefact, model_fingerprint, save_artefact
+from lmeval_regions.artefacts import (
+    check_fingerprint,
+    load_artefact,
+    model_fingerprint,
+    save_artefact,
+)
 from lmeval_regions.errors import ArtefactError, RegionsError, did_you_mean
 from lmeval_regions.models.architecture import find_layout
 

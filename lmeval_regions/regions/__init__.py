@@ -10,14 +10,29 @@
 * :mod:`.analysis` -- distribution, Jaccard overlap, monolingual regions (Eq. 5).
 """
 
-from lmeval_regions.regions.analysis import (distribution, jaccard, layer_index, monolingual,
-                                             overlap)
-from lmeval_regions.regions.ranking import (METHODS, check_ratio, n_select, seed_for,
-                                            select_flat, select_global)
+from lmeval_regions.regions.analysis import distribution, jaccard, layer_index, monolingual, overlap
+from lmeval_regions.regions.ranking import (
+                                             METHODS,
+                                             check_ratio,
+                                             n_select,
+                                             seed_for,
+                                             select_flat,
+                                             select_global,
+)
 from lmeval_regions.regions.region import KIND, Region, index_dtype
-from lmeval_regions.regions.selection import (FUSED, SCOPES, Fused, Method, Scope,
-                                              SelectionConfig, check_fused, select, select_file,
-                                              select_files, select_from_importance)
+from lmeval_regions.regions.selection import (
+                                             FUSED,
+                                             SCOPES,
+                                             Fused,
+                                             Method,
+                                             Scope,
+                                             SelectionConfig,
+                                             check_fused,
+                                             select,
+                                             select_file,
+                                             select_files,
+                                             select_from_importance,
+)
 from lmeval_regions.regions.specs import from_specs
 
 __all__ = ["FUSED", "Fused", "KIND", "METHODS", "Method", "Region", "SCOPES", "Scope",

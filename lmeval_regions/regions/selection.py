@@ -24,9 +24,16 @@ import torch
 
 from lmeval_regions.errors import ArtefactError, RegionsError, did_you_mean
 from lmeval_regions.importance import SummedScores, criterion_of, lazy_scores
-from lmeval_regions.regions.ranking import (METHODS, check_ratio, n_select, seed_for,
-                                            select_flat, select_global, select_matrices,
-                                            shapes_of)
+from lmeval_regions.regions.ranking import (
+    METHODS,
+    check_ratio,
+    n_select,
+    seed_for,
+    select_flat,
+    select_global,
+    select_matrices,
+    shapes_of,
+)
 from lmeval_regions.regions.region import Region, index_dtype
 
 Method = Literal["top", "bottom", "middle", "random"]

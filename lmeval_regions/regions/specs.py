@@ -15,7 +15,6 @@ from lmeval_regions.artefacts import model_fingerprint
 from lmeval_regions.errors import RegionsError, did_you_mean
 from lmeval_regions.regions.region import Region, index_dtype
 
-
 _SPEC = re.compile(r"^\s*(?P<name>[^\[\]\s]+)\s*(?:\[(?P<index>[^\]]*)\])?\s*$")
 
 

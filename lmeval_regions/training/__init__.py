@@ -8,8 +8,12 @@
 ``trainer_ext`` (the import path training users know) re-exports these.
 """
 
-from lmeval_regions.training.freeze import (FreezeRegionAdapter, FreezeRegionCallback,
-                                            unwrap_model, unwrap_optimizer)
+from lmeval_regions.training.freeze import (
+                                            FreezeRegionAdapter,
+                                            FreezeRegionCallback,
+                                            unwrap_model,
+                                            unwrap_optimizer,
+)
 from lmeval_regions.training.freeze_config import FreezeRegionConfig
 from lmeval_regions.training.importance_callback import ImportanceCallback
 

@@ -42,9 +42,12 @@ from transformers import TrainerCallback
 
 from lmeval_regions.artefacts import load_artefact, model_fingerprint, save_artefact
 from lmeval_regions.errors import RegionsError
-from lmeval_regions.importance import (GRADIENT_CRITERIA, Importance, ImportanceAccumulator,
-                                       ImportanceConfig)
-
+from lmeval_regions.importance import (
+    GRADIENT_CRITERIA,
+    Importance,
+    ImportanceAccumulator,
+    ImportanceConfig,
+)
 from lmeval_regions.models.architecture import block_parameters
 from lmeval_regions.models.module_map import matrix_layouts
 from lmeval_regions.models.sharding import full_tensor, local_slice
