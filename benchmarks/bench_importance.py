@@ -10,7 +10,8 @@ so drift in machine load hits all of them alike):
 
 Reported: median seconds per condition and of the post-backward part alone, the ratio
 ours/fwd_bwd of the medians (claim: <= 1.05), the same ratio from pooled fwd+bwd timings plus
-the accumulate time (robust when other jobs load the machine), and the extra memory of accumulation: the accumulator's
+the accumulate time (robust when other jobs load the machine), and the extra memory of
+accumulation: the accumulator's
 persistent tensors (buffers + work buffer, counted exactly) plus the peak of transient
 allocations inside one ``accumulate()`` (torch profiler, ``profile_memory``); claim: <= 1.1 x
 4 bytes x included parameters.
@@ -47,7 +48,8 @@ def transient_peak_bytes(fn) -> int:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="gemma-3-270m")
     ap.add_argument("--lang", default="en", help="UDHR language of the batch (default en)")
     ap.add_argument("--batch-size", type=int, default=4, help="as `importance` (default 4)")
@@ -103,7 +105,8 @@ def main(argv: list[str] | None = None) -> dict:
             if r > 0:  # round 0 warms up
                 total[k].append(t2 - t0)
                 after[k].append(t2 - t1)
-            print(f"round {r} {k:8} total {t2 - t0:7.3f}s  after backward {t2 - t1:6.3f}s", flush=True)
+            print(f"round {r} {k:8} total {t2 - t0:7.3f}s  "
+                  f"after backward {t2 - t1:6.3f}s", flush=True)
 
     med = {k: statistics.median(v) for k, v in total.items()}
     med_after = {k: statistics.median(v) for k, v in after.items()}
@@ -144,7 +147,8 @@ def main(argv: list[str] | None = None) -> dict:
                                              "ratio_ours_over_fwd_bwd_pooled",
                                              "ratio_naive_over_fwd_bwd",
                                              "accumulate_fraction_of_fwd_bwd",
-                                             "naive_over_ours_accumulate_time", "memory", "claims")},
+                                             "naive_over_ours_accumulate_time", "memory",
+                                             "claims")},
                      indent=1))
     print(f"wrote {args.out}")
     return report

@@ -97,7 +97,8 @@ def measure(what: str, path: str, ratio: float) -> dict:
         out["bytes"] = n
     elif what == "read_tensors":  # every tensor once through LazyScores
         scores = LazyScores(path)
-        out["checksum"] = sum(float(scores[n].view(-1)[::2048].float().sum()) for n in scores)  # touch the data
+        out["checksum"] = sum(float(scores[n].view(-1)[::2048].float().sum())
+                              for n in scores)  # touch the data
     else:
         region = select_file(path, "top", ratio, scope=what)
         out["selected"] = region.numel()
@@ -193,7 +194,8 @@ def run_child(what: str, path: Path, ratio: float) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=32, help="decoder layers (32 = LLaMA-2-7B)")
     ap.add_argument("--ratio", type=float, default=0.03)
     ap.add_argument("--dir", default="/tmp/lmeval_bench", help="where the artefact is written")

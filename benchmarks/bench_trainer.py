@@ -76,7 +76,8 @@ def main(argv=None) -> int:
         if variant == "importance":
             return [ImportanceCallback(output=tmp / "imp.safetensors")]
         if variant == "freeze":
-            freeze_cbs.append(FreezeRegionCallback(FreezeRegionConfig(str(tmp / "region.safetensors"))))
+            freeze_cbs.append(FreezeRegionCallback(
+                FreezeRegionConfig(str(tmp / "region.safetensors"))))
             return [freeze_cbs[-1]]
         return []
 

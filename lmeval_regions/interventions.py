@@ -73,7 +73,8 @@ class Intervention:
             try:
                 value = float(val)
             except ValueError:
-                raise RegionsError(f"intervention '{text}': value '{val}' is not a number") from None
+                raise RegionsError(f"intervention '{text}': value '{val}' is not a "
+                                   "number") from None
         return cls(kind.strip(), value, seed)
 
     def __str__(self) -> str:
@@ -160,7 +161,8 @@ class Editor:
 
 
 @contextlib.contextmanager
-def intervened(model: nn.Module, edits: Iterable[tuple[Region, Intervention | str]]) -> Iterator[Editor]:
+def intervened(model: nn.Module,
+               edits: Iterable[tuple[Region, Intervention | str]]) -> Iterator[Editor]:
     """Context manager: apply ``edits`` in order, restore all on exit (also on error)."""
     ed = Editor(model)
     try:

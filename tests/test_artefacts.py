@@ -24,7 +24,8 @@ from lmeval_regions.regions import Region, from_specs
 
 def make_region(tmp_path):
     m = tiny_model("llama")
-    r = from_specs(m, "model.layers.0.mlp.down_proj.weight[1, :]; model.layers.1.self_attn.q_proj.weight[:, 2]")
+    r = from_specs(m, "model.layers.0.mlp.down_proj.weight[1, :]; "
+                      "model.layers.1.self_attn.q_proj.weight[:, 2]")
     path = tmp_path / "r.safetensors"
     r.save(path)
     return m, r, path

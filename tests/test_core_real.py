@@ -61,7 +61,8 @@ def test_core_region_ablation_gemma(gemma, gemma_core_importance, shared_data):
                    "random_increase": inc["random"],
                    "top_over_random": inc["top"] / inc["random"] if inc["random"] else float("inf")}
     report = {"model": "gemma-3-270m", "importance": str(gemma_core_importance.name),
-              "importance_langs": imp.languages, "importance_units": 25, "held_out_units": [HELD_OUT.start, HELD_OUT.stop],
+              "importance_langs": imp.languages, "importance_units": 25,
+              "held_out_units": [HELD_OUT.start, HELD_OUT.stop],
               "eval_max_length": EVAL_MAX_LENGTH, "ratio": 0.01, "scope": "matrix",
               "increase": "ppl_cond / ppl_base - 1", "eval_seconds": time.time() - t0,
               "eval_cpu_seconds": time.process_time() - c0,
@@ -73,7 +74,8 @@ def test_core_region_ablation_gemma(gemma, gemma_core_importance, shared_data):
         print(f"{l:4} {r['base']:9.2f} {r['top_ratio']:11.3g} {100 * r['bottom_change']:+8.3f} "
               f"{100 * r['random_increase']:+9.3f} {r['top_over_random']:12.3g}")
     bad_top = {l: r["top_ratio"] for l, r in rows.items() if not r["top_ratio"] >= 1000}
-    bad_bottom = {l: r["bottom_change"] for l, r in rows.items() if not abs(r["bottom_change"]) < 0.01}
+    bad_bottom = {l: r["bottom_change"] for l, r in rows.items()
+                  if not abs(r["bottom_change"]) < 0.01}
     bad_random = {l: (r["top_ratio"] - 1, r["random_increase"]) for l, r in rows.items()
                   if not r["top_ratio"] - 1 >= 100 * r["random_increase"]}
     assert not bad_top, f"Top 1% zeroed raised perplexity < 1000x in {bad_top}"

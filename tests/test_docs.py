@@ -234,15 +234,20 @@ def test_documented_command(c):
 
 
 BROKEN = {
-    "extract --ratio 2": "lmeval-regions extract --importance imp.safetensors --ratio 2 --out x.safetensors",
-    "index beyond the hidden size": "lmeval-regions apply --model smollm2-135m --edit 'model.layers.*.input_layernorm.weight[2100]@constant:1'",
+    "extract --ratio 2": "lmeval-regions extract --importance imp.safetensors --ratio 2 "
+                         "--out x.safetensors",
+    "index beyond the hidden size": "lmeval-regions apply --model smollm2-135m --edit "
+                                    "'model.layers.*.input_layernorm.weight[2100]@constant:1'",
     "--mode a|b": "python -m lmeval_regions.studies.further_pretrain --mode full freeze",
-    "plain lm_eval, our task": "lm_eval --model hf-regions --model_args pretrained=gemma-3-270m --tasks udhr_ppl",
-    "placeholder": "lm_eval --model hf --model_args pretrained=PATH --include_path \"$(lmeval-regions tasks-path)\" --tasks udhr_ppl",
+    "plain lm_eval, our task": "lm_eval --model hf-regions --model_args pretrained=gemma-3-270m "
+                               "--tasks udhr_ppl",
+    "placeholder": "lm_eval --model hf --model_args pretrained=PATH "
+                   "--include_path \"$(lmeval-regions tasks-path)\" --tasks udhr_ppl",
     "list with a space": "lmeval-regions neuron-sweep --models gemma-3-270m smollm2-135m --out r",
     "missing script": "OMP_NUM_THREADS=1 nice -n 10 python scripts/dimensions_report.py --out r",
     "unknown flag": "python benchmarks/bench_eval.py --nope 3",
-    "misspelt key": "lm-eval-regions --model hf-regions --model_args pretrained=gemma-3-270m,regoin=x.safetensors --tasks udhr_ppl",
+    "misspelt key": "lm-eval-regions --model hf-regions "
+                    "--model_args pretrained=gemma-3-270m,regoin=x.safetensors --tasks udhr_ppl",
 }
 
 

@@ -187,7 +187,8 @@ def test_clipped_norm_excludes_frozen_entries(arch):
     # clip_grad_norm_'s fp32 result, up to summation order
     torch.testing.assert_close(norm.double(), manual, rtol=1e-5, atol=0)
     # in fp64, the adapter's gradient norm is the masked one, not the full one
-    ours = torch.linalg.vector_norm(torch.cat([p.grad.reshape(-1) for p in model.parameters()]).double())
+    ours = torch.linalg.vector_norm(
+        torch.cat([p.grad.reshape(-1) for p in model.parameters()]).double())
     torch.testing.assert_close(ours, manual, rtol=1e-12, atol=0)
     assert float(full) - float(manual) > 1e-5 * float(manual)  # region grads are not negligible
     for n, p in model.named_parameters():

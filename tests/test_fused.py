@@ -206,7 +206,8 @@ def test_whole_is_the_fused_matrix_as_one(fused_importances, arch):
     assert region.spec["fused"] == "whole" and region.spec["split"] == {}
     for name, s in imp.scores.items():
         k = n_select(s.numel(), ratio)
-        want = torch.sort(torch.sort(s.reshape(-1), descending=True, stable=True).indices[:k]).values
+        want = torch.sort(
+            torch.sort(s.reshape(-1), descending=True, stable=True).indices[:k]).values
         assert torch.equal(region.indices[name].long(), want), name
     # an importance without a layout record (older artefact) is selected whole, and says so
     old = Importance(imp.scores, imp.mode, imp.model)
@@ -220,7 +221,8 @@ def test_phi3_gate_up_and_qkv_split(fused_importances):
     region = select_from_importance(imp, "top", 0.05)
     gu = "model.layers.0.mlp.gate_up_proj.weight"
     qkv = "model.layers.0.self_attn.qkv_proj.weight"
-    assert region.spec["split"][gu] == ["gate", "up"] and region.spec["split"][qkv] == ["q", "k", "v"]
+    assert (region.spec["split"][gu] == ["gate", "up"]
+            and region.spec["split"][qkv] == ["q", "k", "v"])
     m = region.mask(gu)
     assert int(m[:64].sum()) == int(m[64:].sum()) == n_select(64 * 32, 0.05)
     m = region.mask(qkv)  # 4 heads x 8 q rows, 2 kv heads x 8 k rows, x 8 v rows
@@ -313,9 +315,11 @@ def test_gpt2_hidden_dims_and_outliers_and_heatmaps(tmp_path):
     rep = find_outliers(model, random_batches(1))
     assert len(rep.top_per_layer) == 2
     # heatmaps: one PNG per role, panels in logical [out, in] orientation
-    region = select(dict(model.named_parameters()), "top", 0.05, layouts=matrix_layouts(model)["layouts"])
+    region = select(dict(model.named_parameters()), "top", 0.05,
+                    layouts=matrix_layouts(model)["layouts"])
     paths = plot_region_heatmaps(region, find_module_map(model), tmp_path, max_px=32)
-    assert sorted(p.stem for p in paths) == sorted(f"heatmap_{r}" for r in ("q", "k", "v", "o", "up", "down"))
+    assert (sorted(p.stem for p in paths)
+            == sorted(f"heatmap_{r}" for r in ("q", "k", "v", "o", "up", "down")))
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths)
 
 

@@ -195,7 +195,8 @@ def test_importance_from_another_model_names_first_mismatch(tmp_path):
                              r"has shape \[64, 32\] in the file but \[48, 32\]"):
         Importance.load(tmp_path / "imp.safetensors", b)
     with pytest.raises(ModelMismatchError,
-                       match=r"its parameter 'model.layers.0.mlp.down_proj.weight'.*does not exist"):
+                       match=r"its parameter 'model.layers.0.mlp.down_proj.weight'"
+                             r".*does not exist"):
         Importance.load(tmp_path / "imp.safetensors", tiny_model("bloom"))
 
 

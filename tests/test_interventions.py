@@ -25,8 +25,10 @@ def snapshot(model):
 def assert_bit_exact(model, snap):
     for n, p in model.named_parameters():
         # compare bit patterns: catches -0.0 vs 0.0 and NaN payloads too
-        assert torch.equal(p.detach().view(torch.int32 if p.dtype == torch.float32 else torch.int16),
-                           snap[n].view(torch.int32 if p.dtype == torch.float32 else torch.int16)), n
+        assert torch.equal(p.detach().view(torch.int32 if p.dtype == torch.float32
+                                           else torch.int16),
+                           snap[n].view(torch.int32 if p.dtype == torch.float32
+                                        else torch.int16)), n
 
 
 def regions_of(model):
@@ -115,7 +117,8 @@ def test_entry_spec_edit_reset_norm_to_one():
     with intervened(m, [(r, "constant:1")]):
         for i in range(2):
             w = m.get_parameter(f"model.layers.{i}.input_layernorm.weight")
-            assert float(w[3].detach()) == 1.0 and torch.equal(w[:3], snap[f"model.layers.{i}.input_layernorm.weight"][:3])
+            assert float(w[3].detach()) == 1.0 and torch.equal(
+                w[:3], snap[f"model.layers.{i}.input_layernorm.weight"][:3])
     assert_bit_exact(m, snap)
 
 
@@ -149,7 +152,8 @@ def test_parse_edits_and_resolve_target(tmp_path):
     m = tiny_model("llama")
     r = from_specs(m, "model.layers.0.mlp.down_proj.weight[0, :]")
     r.save(tmp_path / "r.safetensors")
-    edits = parse_edits(f"{tmp_path / 'r.safetensors'};model.layers.1.input_layernorm.weight[2]@constant:1")
+    edits = parse_edits(f"{tmp_path / 'r.safetensors'};"
+                        "model.layers.1.input_layernorm.weight[2]@constant:1")
     assert [str(iv) for _, iv in edits] == ["zero", "constant:1"]
     got = [resolve_target(m, t) for t, _ in edits]
     assert got[0].counts() == {"model.layers.0.mlp.down_proj.weight": 64}

@@ -142,10 +142,12 @@ def test_table_command_tiny_grid(tiny_lm_dir, shared_data, tmp_path):
     g = torch.Generator().manual_seed(0)
     scores = {n: torch.rand(p.shape, generator=g) for n, p in model.named_parameters()
               if ".layers." in n and p.dim() == 2}
-    Importance(scores, "abs_sum", model_fingerprint(model), ["en"]).save(tmp_path / "imp.safetensors")
+    Importance(scores, "abs_sum", model_fingerprint(model), ["en"]).save(
+        tmp_path / "imp.safetensors")
 
     out = tmp_path / "table"
-    rc = main(["table", "--model", str(tiny_lm_dir), "--importance", str(tmp_path / "imp.safetensors"),
+    rc = main(["table", "--model", str(tiny_lm_dir),
+               "--importance", str(tmp_path / "imp.safetensors"),
                "--methods", "top,random", "--ratios", "0.05", "--tasks", "tiny_ppl_en,tiny_ppl_fr",
                "--include-path", str(tasks), "--metric", "word_perplexity", "--out", str(out)])
     assert rc == 0
@@ -158,10 +160,12 @@ def test_table_command_tiny_grid(tiny_lm_dir, shared_data, tmp_path):
     top, = (out / "regions").glob("top_0.05_matrix_*.safetensors")  # the grid's name for it
     for col, extra in (("Base", {}), ("Top 5%", {"region": str(top)})):
         res = lm_eval.simple_evaluate(
-            model="hf-regions", model_args={"pretrained": str(tiny_lm_dir), "dtype": "float32", **extra},
+            model="hf-regions",
+            model_args={"pretrained": str(tiny_lm_dir), "dtype": "float32", **extra},
             tasks=["tiny_ppl_en", "tiny_ppl_fr"], task_manager=manager, batch_size=1, device="cpu")
         for lang in ("en", "fr"):
-            assert table["cells"][lang][col] == res["results"][f"tiny_ppl_{lang}"]["word_perplexity,none"]
+            assert (table["cells"][lang][col]
+                    == res["results"][f"tiny_ppl_{lang}"]["word_perplexity,none"])
     assert table["cells"]["en"]["Top 5%"] != table["cells"]["en"]["Base"]
 
 

@@ -22,7 +22,8 @@ def _evaluate(model, model_args=None, task_dir=None):
     from lm_eval.tasks import TaskManager
 
     return lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=[TASK],
-                                   task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
+                                   task_manager=TaskManager(include_path=str(task_dir),
+                                                            include_defaults=False),
                                    log_samples=True, batch_size=1, device="cpu")
 
 
@@ -64,7 +65,8 @@ def test_python_api_zero_region_equals_hand_edit(tiny_lm_dir, task_dir, tmp_path
     a, b, c = (sample_loglikelihoods(r) for r in (ours, hand, base))
     assert a == b  # exact
     assert a != c  # and the edit did change something
-    assert ours["results"][TASK]["word_perplexity,none"] == hand["results"][TASK]["word_perplexity,none"]
+    assert (ours["results"][TASK]["word_perplexity,none"]
+            == hand["results"][TASK]["word_perplexity,none"])
     applied = ours["config"]["regions"]["edits"]
     assert [e["entries"] for e in applied] == [region.numel(), 32, 1]  # down_proj is 32 x 64
     assert applied[0]["intervention"] == "zero" and "sha256" in applied[0]
@@ -91,9 +93,11 @@ def test_interventions_and_default_equal_hand_edit(tiny_lm_dir, task_dir):
     up, up0 = got["model.layers.0.mlp.up_proj.weight"], p["model.layers.0.mlp.up_proj.weight"]
     assert torch.equal(up[:7], up0[:7]) and torch.equal(up[8:], up0[8:])
     assert not torch.equal(up[7], up0[7])  # noise changed row 7 only
-    assert [e["intervention"] for e in lm.applied["edits"]] == ["scale:3", "constant:0.5", "noise:0.1/3"]
+    assert [e["intervention"] for e in lm.applied["edits"]] == ["scale:3", "constant:0.5",
+                                                                "noise:0.1/3"]
     lm.restore_edits()  # bit-exact undo
-    assert all(torch.equal(got[n], _load(tiny_lm_dir).state_dict()[n]) for n in ("model.layers.0.mlp.up_proj.weight",))
+    assert all(torch.equal(got[n], _load(tiny_lm_dir).state_dict()[n])
+               for n in ("model.layers.0.mlp.up_proj.weight",))
 
 
 def test_neurons_zero_equals_zeroed_down_proj_columns(tiny_lm_dir, task_dir, tmp_path):
@@ -149,7 +153,8 @@ def test_unknown_neuron_set_and_keys_do_not_reach_from_pretrained(tiny_lm_dir, t
         HFRegionsLM(pretrained=str(tiny_lm_dir), device="cpu",
                     neurons=str(tmp_path / "n.safetensors"), neuron_set="arr")
     with pytest.raises(RegionsError, match=r"neuron sets \['ar', 'es'\]"):
-        HFRegionsLM(pretrained=str(tiny_lm_dir), device="cpu", neurons=str(tmp_path / "n.safetensors"))
+        HFRegionsLM(pretrained=str(tiny_lm_dir), device="cpu",
+                    neurons=str(tmp_path / "n.safetensors"))
     lm = HFRegionsLM(pretrained=str(tiny_lm_dir), device="cpu", dtype="float32",
                      region="model.layers.0.mlp.down_proj.weight[1]", intervention="zero")
     for key in ("region", "intervention", "neurons", "neuron_set", "neuron_intervention"):
@@ -163,7 +168,8 @@ def test_offloaded_parameter_is_a_clear_error(tiny_lm_dir):
 
     model = _load(tiny_lm_dir)
     w = model.model.layers[0].mlp.down_proj.weight
-    model.model.layers[0].mlp.down_proj.weight = torch.nn.Parameter(torch.empty_like(w, device="meta"))
+    model.model.layers[0].mlp.down_proj.weight = torch.nn.Parameter(
+        torch.empty_like(w, device="meta"))
     with pytest.raises(RegionsError, match="offloaded"):
         HFRegionsLM(pretrained=model, tokenizer=AutoTokenizer.from_pretrained(tiny_lm_dir),
                     region="model.layers.0.mlp.down_proj.weight[1]")

@@ -294,8 +294,10 @@ def test_neuron_set_roundtrip_and_fingerprint(model, tmp_path):
     assert back.counts("ar") == {m: 2 for m in lay.down_proj}
     assert back.indices["ar"][lay.down_proj[0]].dtype == torch.int32
     assert torch.allclose(back.means["ar"][lay.down_proj[1]],
-                          torch.tensor([lay.intermediate_size + 3, lay.intermediate_size + 5]) / 100)
-    other = tiny_model("llama") if lay.down_proj[0].startswith("transformer") else tiny_model("bloom")
+                          torch.tensor([lay.intermediate_size + 3,
+                                        lay.intermediate_size + 5]) / 100)
+    other = (tiny_model("llama") if lay.down_proj[0].startswith("transformer")
+             else tiny_model("bloom"))
     with pytest.raises(ModelMismatchError):
         NeuronSet.load(p, other)
     with pytest.raises(RegionsError, match="did you mean|Did you mean"):

@@ -105,7 +105,8 @@ def brute_global(scores, names, method, k):
 def test_global_selection_equals_brute_force(seed, method):
     g = torch.Generator().manual_seed(seed)
     kind = seed % 4
-    shapes = [(int(torch.randint(1, 40, (1,), generator=g)), int(torch.randint(1, 40, (1,), generator=g)))
+    shapes = [(int(torch.randint(1, 40, (1,), generator=g)),
+               int(torch.randint(1, 40, (1,), generator=g)))
               for _ in range(4)] + [(int(torch.randint(1, 300, (1,), generator=g)),)]
     scores = {}
     for j, s in enumerate(shapes):
@@ -272,7 +273,8 @@ def test_entry_specs_single_row_column_glob():
     ("model.layers.0.mlp.down_proj.weight[1, 2, 3]", r"has 3 indices.*shape \[32, 64\]"),
     ("model.layers.0.mlp.down_proj.weight[a]", r"'a' is not an integer"),
     ("model.layers.0.mlp.down_prj.weight[1]", r"matches no parameter.*Did you mean"),
-    ("model.layer.*.input_layernorm.weight", r"matches no parameter.*Did you mean: .*input_layernorm"),
+    ("model.layer.*.input_layernorm.weight",
+     r"matches no parameter.*Did you mean: .*input_layernorm"),
     ("x[1", r"not of the form"),
 ])
 def test_entry_spec_errors(spec, match):

@@ -167,7 +167,8 @@ def test_lazy_scores_selection_equals_in_memory(tmp_path, monkeypatch, dtype):
     imp, path = _tiny_importance(tmp_path, dtype)
     lazy = LazyScores(path)
     loaded = Importance.load(path).scores
-    assert list(lazy) == list(loaded) and lazy.shapes == {n: list(t.shape) for n, t in loaded.items()}
+    assert (list(lazy) == list(loaded)
+            and lazy.shapes == {n: list(t.shape) for n, t in loaded.items()})
     assert all(lazy.dtypes[n] == dtype for n in lazy)
     for scope in ("matrix", "global", "row"):
         for method in ("top", "bottom", "middle", "random"):
@@ -281,7 +282,8 @@ def _global_batches(n=3, batch=4, seq=10, seed=0):
     out = []
     for _ in range(n):
         ids = torch.randint(0, 128, (batch, seq), generator=g)
-        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                    "labels": ids.clone()})
     return out
 
 

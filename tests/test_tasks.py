@@ -24,7 +24,8 @@ def _evaluate(tiny_lm_dir, tasks, limit=LIMIT, metadata=None, **model_args):
     args = {"pretrained": str(tiny_lm_dir), "dtype": "float32", **model_args}
     meta = {"pretrained": str(tiny_lm_dir), **(metadata or {})}
     return simple_evaluate(model="hf", model_args=args, tasks=tasks, limit=limit, device="cpu",
-                           task_manager=task_manager(metadata=meta, include_defaults=False), log_samples=True)
+                           task_manager=task_manager(metadata=meta, include_defaults=False),
+                           log_samples=True)
 
 
 def _ppl_docs(results, task):

@@ -95,7 +95,8 @@ def test_resume_gives_the_uninterrupted_artefact(tmp_path):
     assert mid.sources[0]["optimizer_steps"] == 2
 
     cb2 = ImportanceCallback()
-    trainer = make_trainer(tiny_model("llama", seed=1), tmp_path, [cb2], **kw)  # weights come from the checkpoint
+    # weights come from the checkpoint
+    trainer = make_trainer(tiny_model("llama", seed=1), tmp_path, [cb2], **kw)
     trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
     resumed = cb2.importance
     assert resumed.sources[0]["optimizer_steps"] == 4
@@ -130,7 +131,8 @@ def test_nonfinite_steps_are_skipped_and_counted(tmp_path):
     kw = dict(lr_scheduler_type="constant", gradient_accumulation_steps=1, max_grad_norm=0.0)
     cb = ImportanceCallback()
     # inf on the last step only, so the (un-skipped) optimizer cannot spread NaN into steps we score
-    make_trainer(tiny_model("llama"), tmp_path / "a", [InjectInf([3]), cb], max_steps=4, **kw).train()
+    make_trainer(tiny_model("llama"), tmp_path / "a", [InjectInf([3]), cb], max_steps=4,
+                 **kw).train()
     ref_cb = ImportanceCallback()
     make_trainer(tiny_model("llama"), tmp_path / "b", [ref_cb], max_steps=3, **kw).train()
     got = Importance.load(tmp_path / "a" / ARTEFACT_NAME)

@@ -35,7 +35,8 @@ def training_args(out, **kw) -> TrainingArguments:
 
 
 def make_trainer(model, out, callbacks=(), dataset=None, **kw) -> Trainer:
-    return Trainer(model=model, args=training_args(out, **kw), train_dataset=dataset or SeqDataset(),
+    return Trainer(model=model, args=training_args(out, **kw),
+                   train_dataset=dataset or SeqDataset(),
                    callbacks=list(callbacks))
 
 

@@ -71,7 +71,8 @@ class LazyScores(Mapping[str, torch.Tensor]):
             self._data_start = 8 + n_header
             self._offsets = {n: tuple(header[n]["data_offsets"]) for n in self._names}
         except Exception as e:
-            raise ArtefactError(f"'{self.path}' could not be read (truncated or corrupt?): {e}") from e
+            raise ArtefactError(f"'{self.path}' could not be read (truncated or corrupt?): "
+                                f"{e}") from e
 
     @contextmanager
     def transient_reads(self) -> Iterator["LazyScores"]:
@@ -213,7 +214,8 @@ def write_safetensors(
             out = produce(name)
             for piece in [out] if isinstance(out, torch.Tensor) else out:
                 if piece.dtype != dtype:
-                    raise RegionsError(f"tensor '{name}': produced {piece.dtype}, layout says {dtype}")
+                    raise RegionsError(f"tensor '{name}': produced {piece.dtype}, "
+                                       f"layout says {dtype}")
                 buf = piece.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
                 f.write(buf.data)
                 got += buf.nbytes

@@ -221,7 +221,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     try:
         doc = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as e:
-        raise RegionsError(f"--config '{path}' is not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {e}") from None
+        raise RegionsError(f"--config '{path}' is not valid "
+                           f"{'JSON' if p.suffix == '.json' else 'YAML'}: {e}") from None
     if not isinstance(doc, dict):
         raise RegionsError(f"--config '{path}' must hold a mapping of sections, got "
                            f"{type(doc).__name__}")

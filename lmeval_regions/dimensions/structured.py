@@ -130,7 +130,8 @@ def dims_region(projs: Iterable[tuple[Projection, str, torch.Tensor]],
 
 
 def hidden_dims_region(model: nn.Module, dims: Iterable[int], roles: Iterable[str] | None = None,
-                       layers: Iterable[int] | None = None, mmap: ModuleMap | None = None) -> Region:
+                       layers: Iterable[int] | None = None,
+                       mmap: ModuleMap | None = None) -> Region:
     """Every entry on the hidden-side dimension(s) ``dims`` of the chosen projections
     (default: all roles, all layers): q/k/v/up/gate input columns, o/down output rows."""
     mmap = _model_map(model, mmap)
@@ -187,7 +188,8 @@ def hidden_dim_ranking(region: Region, model: nn.Module, roles: Iterable[str] | 
     projection in every block: int64 ``[hidden_size]`` (the model-wide "Top dimensions")."""
     mmap = _model_map(model, mmap)
     total = torch.zeros(mmap.hidden_size, dtype=torch.long)
-    for proj in mmap.projections(tuple(roles) if roles else ("q", "k", "v", "o", "gate", "up", "down")):
+    for proj in mmap.projections(tuple(roles) if roles
+                                 else ("q", "k", "v", "o", "gate", "up", "down")):
         total += dimension_counts(region, proj, proj.hidden_side)
     return total
 

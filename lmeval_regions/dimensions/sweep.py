@@ -27,7 +27,8 @@ from lmeval_regions.regions import Region, from_specs
 PERTURBATIONS = ("reset", "scale")
 
 
-def dimension_sweep(model: nn.Module, dims: Iterable[int], evaluate: Callable[[], Mapping[str, Any]],
+def dimension_sweep(model: nn.Module, dims: Iterable[int],
+                    evaluate: Callable[[], Mapping[str, Any]],
                     intervention: Intervention | str = "reinit", seed: int = 0,
                     roles: Iterable[str] | None = None, mmap: ModuleMap | None = None,
                     progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
@@ -71,7 +72,8 @@ def norm_perturbation(model: nn.Module, layer: int, dim: int, kind: str, factor:
     return region, Intervention("constant", float(nm.raw(target)))
 
 
-def perturbation_table(model: nn.Module, dims: Iterable[int], evaluate: Callable[[], Mapping[str, Any]],
+def perturbation_table(model: nn.Module, dims: Iterable[int],
+                       evaluate: Callable[[], Mapping[str, Any]],
                        layer: int = 1, norm: str = "input", factor: float = 10.0,
                        mmap: ModuleMap | None = None) -> list[dict[str, Any]]:
     """Table 8: base row, then reset-1 and x``factor`` of ``norm`` weight ``dim`` in ``layer``."""

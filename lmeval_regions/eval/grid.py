@@ -137,7 +137,8 @@ class LmEvalConfig:
                 "apply_chat_template": self.apply_chat_template,
                 "fewshot_as_multiturn": self.fewshot_as_multiturn,
                 "system_instruction": self.system_instruction,
-                "gen_kwargs": simple_parse_args_string(self.gen_kwargs) if self.gen_kwargs else None,
+                "gen_kwargs": (simple_parse_args_string(self.gen_kwargs) if self.gen_kwargs
+                               else None),
                 "bootstrap_iters": self.bootstrap_iters}
 
 
@@ -256,7 +257,8 @@ class Table:
         head = f"| {self.meta.get('row_title', 'Language')} | " + " | ".join(self.columns) + " |"
         lines = [head, "|" + "---|" * (len(self.columns) + 1)]
         for r in self.rows:
-            lines.append(f"| {r} | " + " | ".join(fmt(self.cells[r].get(c)) for c in self.columns) + " |")
+            lines.append(f"| {r} | " + " | ".join(fmt(self.cells[r].get(c)) for c in self.columns)
+                         + " |")
         note = (f"\n{self.metric} (lower is better)" if "perplexity" in self.metric
                 else f"\n{self.metric}")
         if self.metric == "word_perplexity":

@@ -179,7 +179,8 @@ class HFRegionsLM(HFLM):
         for target, iv in edits:
             region = resolve_target(view, target)
             params = view._names
-            offloaded = [n for n in region.indices if n in params and params[n].device.type == "meta"]
+            offloaded = [n for n in region.indices
+                         if n in params and params[n].device.type == "meta"]
             if offloaded:
                 raise RegionsError(
                     f"hf-regions: parameter '{offloaded[0]}' is offloaded (on the meta device); "
@@ -204,7 +205,8 @@ class HFRegionsLM(HFLM):
 
     # ---- neuron interventions ---------------------------------------------------------
     def _apply_neurons(self, path: str, set_name: Any, mode: NeuronMode) -> None:
-        base = self._model.get_base_model() if hasattr(self._model, "get_base_model") else self._model
+        base = (self._model.get_base_model() if hasattr(self._model, "get_base_model")
+                else self._model)
         ns = NeuronSet.load(path, base)
         if set_name is None:
             if len(ns.sets) != 1:

@@ -88,7 +88,8 @@ class ImportanceAccumulator:
         self._scratch: dict[torch.device, torch.Tensor] = {}
         self._gen = None
         if self.dtype == torch.bfloat16:
-            self._gen = torch.Generator(device=next(iter(self.params.values())).device).manual_seed(seed)
+            self._gen = torch.Generator(
+                device=next(iter(self.params.values())).device).manual_seed(seed)
 
     def grads_finite(self) -> bool:
         """All gradients finite; with sharded parameters, on every rank (so all skip alike)."""

@@ -128,7 +128,8 @@ class Importance:
         ``model``, check it was made for that model."""
         tensors, doc = load_artefact(path, KIND)
         if model is not None:
-            check_fingerprint(doc["model"], model, what=f"importance file '{path}'", names=list(tensors))
+            check_fingerprint(doc["model"], model, what=f"importance file '{path}'",
+                              names=list(tensors))
         criterion = criterion_of(doc, path)
         for n, t in tensors.items():
             check_scores(n, t, f"importance file '{path}'", criterion)

@@ -90,7 +90,8 @@ def find_layout(model: nn.Module) -> BlockLayout:
         cands = []
         for sub, m in block.named_modules():
             shape = linear_shape(m)
-            if shape and shape[1] == hidden and shape[0] > hidden and "attn" not in sub and "attention" not in sub:
+            if (shape and shape[1] == hidden and shape[0] > hidden and "attn" not in sub
+                    and "attention" not in sub):
                 cands.append((sub, shape[0]))
         if len(cands) != 1:
             raise RegionsError(

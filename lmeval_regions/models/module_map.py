@@ -317,7 +317,8 @@ def _check_gate_up(model: nn.Module, fused: list[tuple[nn.Module, nn.Module, str
         base, up2, gate2 = (r[d] for r in runs)
         if not (torch.allclose(up2, 2 * base) and not torch.allclose(gate2, 2 * base)):
             raise RegionsError(f"fused gate/up projection '{name}' is not [gate | up] (the down "
-                               "input is not linear in its second half alone); its split is unknown")
+                               "input is not linear in its second half alone); its split is "
+                               "unknown")
 
 
 # ---- the map -------------------------------------------------------------------------------

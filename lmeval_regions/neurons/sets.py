@@ -256,7 +256,8 @@ class NeuronSet:
         for m in modules:
             if m not in layout.down_proj:
                 raise ModelLayoutError(f"{what} names '{m}', which is not a down projection of "
-                                       f"{type(model).__name__}." + did_you_mean(m, layout.down_proj))
+                                       f"{type(model).__name__}."
+                                       + did_you_mean(m, layout.down_proj))
 
     # ---- construction helpers -------------------------------------------------------------
     @classmethod

@@ -76,7 +76,8 @@ def distribution(region: Region, layer_of=None, kind_of=None) -> dict[str, dict[
     return {"per_layer": by_layer, "per_module": by_kind}
 
 
-def monolingual(tops: Mapping[str, Region], bottoms: Mapping[str, Region]) -> dict[str, dict[str, Region]]:
+def monolingual(tops: Mapping[str, Region],
+                bottoms: Mapping[str, Region]) -> dict[str, dict[str, Region]]:
     """Paper 1 Eq. 5: each language's Top (and Bottom) region minus every other language's
     Top and Bottom regions.
 

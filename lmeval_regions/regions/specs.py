@@ -1,5 +1,6 @@
 """Regions from entry specs: a parameter name (glob allowed) with an optional numpy-style index,
-e.g. ``model.layers.1.input_layernorm.weight[2100]`` or ``model.layers.*.self_attn.o_proj.weight[:, 5]``."""
+e.g. ``model.layers.1.input_layernorm.weight[2100]`` or
+``model.layers.*.self_attn.o_proj.weight[:, 5]``."""
 
 from __future__ import annotations
 

@@ -259,9 +259,10 @@ def _pattern_mono(table, langs: list[str]) -> dict[str, Any]:
             continue
         inc = {r: table.cells[r][col] / table.cells[r]["Base"] - 1 for r in rows}
         ranked = sorted(inc, key=inc.get, reverse=True)
-        out[lang] = {"own_increase": inc[lang], "most_hurt": ranked[0], "rank_of_own": ranked.index(lang) + 1,
-                     "top3": ranked[:3]}
-    out["own_language_hurt_most"] = sum(1 for v in out.values() if isinstance(v, dict) and v["rank_of_own"] == 1)
+        out[lang] = {"own_increase": inc[lang], "most_hurt": ranked[0],
+                     "rank_of_own": ranked.index(lang) + 1, "top3": ranked[:3]}
+    out["own_language_hurt_most"] = sum(1 for v in out.values()
+                                        if isinstance(v, dict) and v["rank_of_own"] == 1)
     return out
 
 
@@ -501,7 +502,8 @@ def _markdown(report: dict[str, Any], table1, mono) -> str:
               f"/{len(corpus['langs'])} languages.", ""]
     for lang, v in pm.items():
         if isinstance(v, dict):
-            lines.append(f"* {lang} Top: its own perplexity {v['own_increase'] + 1:.3g}× Base, rank "
+            lines.append(f"* {lang} Top: its own perplexity "
+                         f"{v['own_increase'] + 1:.3g}× Base, rank "
                          f"{v['rank_of_own']} among the evaluated languages (most hurt: "
                          f"{', '.join(v['top3'])})")
     lines += ["", "![monolingual](monolingual_perplexity.png)", "",

@@ -159,7 +159,8 @@ def run_dims_report(model_cfg: ModelConfig, corpus: CorpusConfig, heldout: HeldO
     log("single-parameter table done")
     worst = max((r for r in sweep if r["dim"] is not None), key=lambda r: r["ppl"])["dim"]
     gens = generations(model, tok, cfg.prompt, {
-        f"reinit dim {worst} (all layers)": [(hidden_dims_region(model, [worst], mmap=mmap), "reinit")],
+        f"reinit dim {worst} (all layers)": [
+            (hidden_dims_region(model, [worst], mmap=mmap), "reinit")],
         f"reinit dim {rand_dims[0]} (all layers)": [
             (hidden_dims_region(model, [rand_dims[0]], mmap=mmap), "reinit")],
     }, max_new_tokens=cfg.new_tokens)
@@ -173,7 +174,8 @@ def run_dims_report(model_cfg: ModelConfig, corpus: CorpusConfig, heldout: HeldO
                "n_tokens": imp.n_tokens, "criterion": imp.criterion},
            "eval_units": eval_span,
            "max_length": corpus.max_length, "ratio": cfg.ratio, "region_entries": region.numel(),
-           "base": base, "outliers": outl.to_dict(), "removal": table, "ablation_wo_outliers": ablation,
+           "base": base, "outliers": outl.to_dict(), "removal": table,
+           "ablation_wo_outliers": ablation,
            "top_hidden_dims": top_dims, "random_dims": rand_dims, "sweep": sweep,
            "single_parameter": single, "generations": gens, "figures": [p.name for p in figs],
            "seconds": round(time.time() - t0, 1)}
@@ -181,7 +183,8 @@ def run_dims_report(model_cfg: ModelConfig, corpus: CorpusConfig, heldout: HeldO
 
     md = [f"# Dimensional dependence: {model_cfg.model}", "",
           f"Region: Top {cfg.ratio:g} per matrix of importance ({imp.criterion}) over "
-          f"{', '.join(imp_langs)} ({imp_desc}); {region.numel()} entries. Perplexity: pooled token "
+          f"{', '.join(imp_langs)} ({imp_desc}); {region.numel()} entries. "
+          "Perplexity: pooled token "
           f"PPL on units {eval_span[0]}..{eval_span[1]} of {', '.join(held_texts)}, "
           f"{corpus.max_length} tokens. Base PPL **{base['ppl']:.4g}**.", "",
           "## Structured removal (zero N_d dims per matrix per layer)", ""]
@@ -192,7 +195,8 @@ def run_dims_report(model_cfg: ModelConfig, corpus: CorpusConfig, heldout: HeldO
             r = {x["method"]: x["ppl"] for x in table if x["setting"] == s and x["n_dims"] == n}
             wo = [x["ppl"] for x in ablation if x["setting"] == s and x["n_dims"] == n]
             rows.append([n, r["top"], r["middle"], r["bottom"], r["random"], wo[0] if wo else "-"])
-        md += [_md_table(["N_d", "Top", "Middle", "Bottom", "Random", "Top w/o outliers"], rows), ""]
+        md += [_md_table(["N_d", "Top", "Middle", "Bottom", "Random", "Top w/o outliers"], rows),
+               ""]
     md += ["## Outlier dimensions", "",
            f"Massive activations (max |h| >= {outliers.ratio:g} x layer median): "
            + (", ".join(f"{r['dim']} (x{r['max_ratio']:.0f}, {len(r['layers'])} layers)"
@@ -202,7 +206,8 @@ def run_dims_report(model_cfg: ModelConfig, corpus: CorpusConfig, heldout: HeldO
                         for r in outl.norm[:10]) or "none"), "",
            "## Single-dimension sweep (re-init dim d in every layer)", "",
            _md_table(["dim", "kind", "PPL"], [[r["dim"] if r["dim"] is not None else "-",
-                                              labels.get(r["dim"], "none"), r["ppl"]] for r in sweep]),
+                                              labels.get(r["dim"], "none"), r["ppl"]]
+                                              for r in sweep]),
            "", "![sweep](dim_sweep.png)", "",
            f"## Single-parameter perturbation (layer {cfg.layer} input norm)", "",
            _md_table(["perturbation", "parameter", "PPL"],

@@ -190,7 +190,8 @@ def write_report(out: str | Path, result: Mapping[str, Any], acts: Activations |
                "![key layers](key_layers.png)", ""]
     md += ["| layer | LRDS | SADS |", "|---|---|---|"]
     md += [f"| {p['layer']} | {_fmt(p['lrds'])} | {_fmt(p['sads'])} |" for p in result["layerwise"]]
-    md += ["", "| language | key neurons | LAPE neurons | Jaccard(key, LAPE) |", "|---|---|---|---|"]
+    md += ["", "| language | key neurons | LAPE neurons | Jaccard(key, LAPE) |",
+           "|---|---|---|---|"]
     for l in result["languages"]:
         md.append(f"| {l} | {result['key_neurons'][l]} | {result['lape_neurons'].get(l, '-')} | "
                   f"{_fmt(result['key_lape_overlap'].get(l, float('nan')))} |")

@@ -49,7 +49,8 @@ class FreezeRegionConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.region, (str, os.PathLike)) or not str(self.region):
-            raise RegionsError(f"region {self.region!r} is not a path to a region .safetensors file")
+            raise RegionsError(f"region {self.region!r} is not a path to a region "
+                               ".safetensors file")
         self.region = str(self.region)
         try:
             self.alpha = float(self.alpha)
@@ -61,7 +62,8 @@ class FreezeRegionConfig:
             try:
                 self.max_update = float(self.max_update)
             except (TypeError, ValueError):
-                raise RegionsError(f"max_update {self.max_update!r} is not a positive number") from None
+                raise RegionsError(f"max_update {self.max_update!r} is not a positive "
+                                   "number") from None
             if not self.max_update > 0 or math.isinf(self.max_update):
                 raise RegionsError(f"max_update {self.max_update!r} must be a finite number > 0")
         if self.init not in INITS:

@@ -21,7 +21,8 @@ up to fp32 rounding without touching the gradients the optimizer uses.
 A step with any non-finite gradient (e.g. an fp16 overflow step) is skipped whole and counted
 (``n_skipped``). The artefact is the library's :class:`~lmeval_regions.importance.Importance`
 (same criteria, same file format), recording the step's batch size
-(per-device batch × accumulation steps × processes). State (raw fp32 buffers and counters) is written into each
+(per-device batch × accumulation steps × processes). State (raw fp32 buffers and counters)
+is written into each
 checkpoint folder at ``on_save`` and read back at ``on_train_begin`` when training resumes, so a
 resumed run ends with the same artefact as an uninterrupted one.
 
@@ -73,7 +74,8 @@ class ImportanceCallback(TrainerCallback):
             ``<output_dir>/checkpoint-<global_step>``, the folder the Trainer resumes from).
     """
 
-    def __init__(self, config: ImportanceConfig | None = None, output: str | os.PathLike | None = None,
+    def __init__(self, config: ImportanceConfig | None = None,
+                 output: str | os.PathLike | None = None,
                  before_clip: bool = False, languages: list[str] | None = None,
                  resume_from: str | os.PathLike | None = None):
         if config is not None and not isinstance(config, ImportanceConfig):
@@ -124,7 +126,8 @@ class ImportanceCallback(TrainerCallback):
     # ---- events ------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if self.before_clip and not self._attached:
-            raise RegionsError("ImportanceCallback(before_clip=True) needs callback.attach(trainer) "
+            raise RegionsError("ImportanceCallback(before_clip=True) needs "
+                               "callback.attach(trainer) "
                                "so it can read the pre-clip gradient norm")
         model = unwrap_model(model)
         cfg = self.config

