@@ -60,11 +60,35 @@ def _task_index() -> tuple[frozenset, frozenset]:
     return frozenset(set(idx) - mine), frozenset(mine)
 
 
+@lru_cache(maxsize=None)
+def _user_data() -> Path:
+    """Stand-in for ``/data/``, where the docs put the reader's own corpus files: each file a
+    command names there is created here (a few lines of text), so the corpus checks run."""
+    import tempfile
+
+    return Path(tempfile.mkdtemp(prefix="doc_user_data_"))
+
+
+def _user_files(text: str) -> str:
+    """``text`` with every ``/data/NAME`` path moved to :func:`_user_data`, the file created."""
+    def make(m: re.Match) -> str:
+        path = _user_data() / m.group(1)
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("All human beings are born free and equal in dignity and rights.\n"
+                            * 4, encoding="utf-8")
+        return str(path)
+
+    return re.sub(r"(?<![\w.])/data/([\w.-]+\.(?:txt|jsonl|csv|tsv|parquet))", make, text)
+
+
 def _substitute(text: str) -> str:
-    """Shell substitutions the docs use, done here (the test runs no shell)."""
+    """Shell substitutions the docs use, done here (the test runs no shell); the reader's own
+    files under ``/data/`` stand in as small files (:func:`_user_files`)."""
     from lmeval_regions.eval.tasks import tasks_path
     from lmeval_regions.models import resolve_pretrained
 
+    text = _user_files(text)
     text = text.replace("$(lmeval-regions tasks-path)", str(tasks_path()))
     return re.sub(r"\$\(lmeval-regions model-path ([\w.-]+)\)",
                   lambda m: resolve_pretrained(m.group(1), progress=False), text)
@@ -154,6 +178,12 @@ def _flags_of(source: str) -> set[str]:
 
 def check_python(argv: list[str]) -> None:
     rest = argv[1:]
+    if rest[:1] == ["-c"]:
+        try:
+            compile(rest[1], "<python -c>", "exec")
+        except SyntaxError as e:
+            raise DocError(f"python -c: {e}") from None
+        return
     if rest[:1] == ["-m"]:
         module = rest[1]
         spec = importlib.util.find_spec(module)
