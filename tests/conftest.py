@@ -196,3 +196,22 @@ def gemma_core_importance(gemma, shared_data) -> Path:
                       "units": [0, CORE_UNITS]}], progress=False))
     combine(parts).save(path)
     return path
+
+
+# ---- a small parallel corpus for CLI tests (three languages, four sentences each) -----------
+
+LANGS = ["en", "fr", "de"]
+TEXTS = {
+    "en": ["All human beings are born free and equal in dignity and rights.",
+           "Everyone has the right to life, liberty and security of person.",
+           "No one shall be held in slavery or servitude.",
+           "Everyone has the right to recognition everywhere as a person before the law."],
+    "fr": ["Tous les êtres humains naissent libres et égaux en dignité et en droits.",
+           "Tout individu a droit à la vie, à la liberté et à la sûreté de sa personne.",
+           "Nul ne sera tenu en esclavage ni en servitude.",
+           "Chacun a le droit à la reconnaissance en tous lieux de sa personnalité juridique."],
+    "de": ["Alle Menschen sind frei und gleich an Würde und Rechten geboren.",
+           "Jeder hat das Recht auf Leben, Freiheit und Sicherheit der Person.",
+           "Niemand darf in Sklaverei oder Leibeigenschaft gehalten werden.",
+           "Jeder hat das Recht, überall als rechtsfähig anerkannt zu werden."],
+}

@@ -20,27 +20,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, tiny_model
+from conftest import LANGS, REPO, TEXTS, tiny_model
 
 from lmeval_regions.cli import main
 from lmeval_regions.importance import Importance, combine
 from lmeval_regions.regions import Region
-
-LANGS = ["en", "fr", "de"]
-TEXTS = {
-    "en": ["All human beings are born free and equal in dignity and rights.",
-           "Everyone has the right to life, liberty and security of person.",
-           "No one shall be held in slavery or servitude.",
-           "Everyone has the right to recognition everywhere as a person before the law."],
-    "fr": ["Tous les êtres humains naissent libres et égaux en dignité et en droits.",
-           "Tout individu a droit à la vie, à la liberté et à la sûreté de sa personne.",
-           "Nul ne sera tenu en esclavage ni en servitude.",
-           "Chacun a le droit à la reconnaissance en tous lieux de sa personnalité juridique."],
-    "de": ["Alle Menschen sind frei und gleich an Würde und Rechten geboren.",
-           "Jeder hat das Recht auf Leben, Freiheit und Sicherheit der Person.",
-           "Niemand darf in Sklaverei oder Leibeigenschaft gehalten werden.",
-           "Jeder hat das Recht, überall als rechtsfähig anerkannt zu werden."],
-}
 
 
 def sha(paths) -> dict[str, str]:
