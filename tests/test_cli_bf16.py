@@ -145,14 +145,15 @@ def _apply(out: Path) -> None:
 
 
 def _lm_eval_results(folder: Path) -> None:
-    """lm-eval's own record of each condition: a bf16 model, and the region edits applied.
-    (Cells are not compared: lm-eval's log-softmax and per-document sums run in the model's
-    dtype unless --model-args softmax_dtype=float32, so a tiny edit can vanish in bf16.)"""
+    """lm-eval's own record of each condition: a bf16 model whose log-softmax runs in fp32
+    (``softmax_dtype``, see ``ModelConfig.hf_model_args``), and the region edits applied."""
     results = list(folder.glob("*.json"))
     assert results
     for path in results:
         config = json.loads(path.read_text())["config"]
         assert config["model_dtype"] == "torch.bfloat16", path
+        if config["model_args"] is not None:  # None: the grid passed its loaded LM object
+            assert "softmax_dtype=float32" in str(config["model_args"]), path
         edits = (config["regions"] or {}).get("edits") or []
         assert (path.stem == "base") == (not edits) and all(e["entries"] > 0 for e in edits)
 
@@ -161,6 +162,10 @@ def _table(out: Path) -> None:
     table = json.loads((out / "table" / "table.json").read_text())
     assert table["columns"] == ["Base", "Top 5%"] and table["rows"] == ["udhr_ppl_en"]
     assert table["meta"]["task_metadata"]["dtype"] == "bfloat16"
+    # In bf16 with lm-eval's default (log-softmax and sums in the model dtype) the Top-5%
+    # cell equalled Base exactly; with the sums in fp32 the removal shows.
+    for row in table["cells"].values():
+        assert row["Base"] != row["Top 5%"], table["cells"]
     _lm_eval_results(out / "table" / "results")
     _config(out / "table" / "config.yaml")
 
@@ -168,6 +173,8 @@ def _table(out: Path) -> None:
 def _demo(out: Path) -> None:
     report = json.loads((out / "demo" / "report.json").read_text())
     assert report["table1"]["columns"] == ["Base", "Top 5%"]
+    for row in report["table1"]["cells"].values():  # the removal shows in bf16 (fp32 sums)
+        assert row["Base"] != row["Top 5%"], report["table1"]["cells"]
     assert report["config"]["model"]["dtype"] == "bfloat16"
     for lang in ("en", "fr"):
         meta = read_metadata(out / "demo" / "importance" / f"{lang}.safetensors", "importance")

@@ -86,6 +86,13 @@ class ModelConfig:
             args["device"] = self.resolved_device()
         if self.revision:
             args["revision"] = self.revision
+        if self.dtype != "float32":
+            # lm-eval's hf takes log-softmax and sums each document's log-likelihood in the
+            # model's dtype by default: in bf16 a 256-token document's sum is held to ~3
+            # significant digits (a sum near 600 is a multiple of 4), so small edits vanish
+            # (a Top-5% removal scored exactly as Base on a tiny model). Our perplexity is
+            # computed in fp32 whatever the weights; this keeps lm-eval's the same.
+            args["softmax_dtype"] = "float32"
         return args
 
 
