@@ -37,6 +37,11 @@ class DocCommand:
     def program(self) -> str:
         return self.argv[0]
 
+    @property
+    def mention(self) -> bool:
+        """A subcommand named in prose (`lmeval-regions table`), not a command to run."""
+        return self.inline and self.program == "lmeval-regions" and len(self.argv) == 2
+
     def where(self) -> str:
         return f"{self.file}:{self.line}: {self.text}"
 

@@ -103,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
     for c in D.commands(REPO / "README.md", REPO):
         reason = next((why for pat, why in SKIP if re.match(pat, c.text)), None)
+        if c.mention:
+            reason = reason or "a subcommand named in prose, not a command"
         if c.inline and c.program == "lmeval-regions" and len(c.argv) > 1 \
                 and c.argv[1] == "demo":
             reason = reason or "the demo already ran (the Quick start command)"

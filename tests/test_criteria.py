@@ -178,7 +178,11 @@ def test_merged_passes_equal_one_pass_over_both():
         assert m.criterion == w.criterion and m.n_sequences == w.n_sequences == 8
         assert m.n_tokens == w.n_tokens
         for n in w.scores:
-            torch.testing.assert_close(m.scores[n], w.scores[n], rtol=1e-5, atol=1e-10)
+            # the two sums add the same fp32 terms in another order: where sum_abs's gradient
+            # sum cancels to ~0 the relative error is unbounded, so the absolute tolerance is a
+            # fraction of the matrix's largest score (the standard of the release comparison)
+            scale = float(w.scores[n].abs().max())
+            torch.testing.assert_close(m.scores[n], w.scores[n], rtol=1e-5, atol=1e-6 * scale)
 
 
 def test_wanda_on_gpt2_conv1d_orientation():

@@ -228,7 +228,7 @@ def check_command(c: D.DocCommand) -> None:
     argv = shlex.split(_substitute(" ".join(shlex.quote(a) for a in c.argv)))
     try:
         if c.program == "lmeval-regions":
-            if c.inline and len(argv) == 2:  # a mention of a subcommand in prose
+            if c.mention:
                 from lmeval_regions.cli.main import commands
 
                 if argv[1] not in {x.name for x in commands()}:
