@@ -57,8 +57,15 @@ def test_demo_quick_tiny(demo_run, tiny_lm_dir, shared_data, capsys):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "report.md").read_text()
     assert "## Table 1" in md and "| ar |" in md
+    # the report, the commands and the table say what THIS run did (issue 14.9)
+    assert f"sum over these {len(LANGS)} languages" in md and ", ".join(LANGS) in md
     commands = (out / "commands.sh").read_text()
     assert "lmeval-regions importance" in commands and "lm_eval --model hf-regions" in commands
+    assert f"--tasks {','.join(f'udhr_ppl_{l}' for l in EVAL_LANGS)} " in commands
+    assert "udhr_ppl_fi" not in commands  # a language this run did not evaluate
+    limit = report["config"]["demo"]["eval_limit"]
+    assert f"--limit {limit:g}: the first {limit:g} documents of each task" in \
+        (out / "table1" / "table.md").read_text()
     # Base of the monolingual table is Table 1's, restricted to its languages: evaluated once
     base = json.loads((out / "monolingual" / "results" / "base.json").read_text())
     assert base["lmeval_regions_taken_from"].endswith("table1/results/base.json")

@@ -154,7 +154,11 @@ def test_table_command_tiny_grid(tiny_lm_dir, shared_data, tmp_path):
     table = json.loads((out / "table.json").read_text())
     assert table["columns"] == ["Base", "Top 5%", "Random 5%"]
     assert table["rows"] == ["en", "fr"]
-    assert "| Language | Base | Top 5% | Random 5% |" in (out / "table.md").read_text()
+    md = (out / "table.md").read_text()
+    assert "| Language | Base | Top 5% | Random 5% |" in md
+    # the table says what it evaluated: model, documents (no --limit: all), batch size
+    assert f"Model {tiny_lm_dir}; every document of each task (no --limit); lm-eval batch " \
+           "size 1." in md
 
     manager = TaskManager(include_path=str(tasks), include_defaults=False)
     top, = (out / "regions").glob("top_0.05_matrix_*.safetensors")  # the grid's name for it

@@ -12,7 +12,7 @@ from conftest import tiny_model
 
 from lmeval_regions import regions
 from lmeval_regions.artefacts import LazyScores, write_safetensors
-from lmeval_regions.errors import ArtefactError
+from lmeval_regions.errors import ArtefactError, RegionsError
 from lmeval_regions.importance import (
     Importance,
     ImportanceConfig,
@@ -192,6 +192,41 @@ def test_random_global_large_is_uniform_and_exact_size(monkeypatch):
     r2 = regions.select(scores, "random", 0.1, scope="global", seed=5)
     assert all(torch.equal(r.indices[n], r2.indices[n]) for n in r.indices)
     assert all(torch.equal(i, torch.unique(i)) for i in r.indices.values())
+
+
+def test_random_global_beyond_a_billion_entries(monkeypatch):
+    """Above numpy's hypergeometric limit (1e9 entries: a 7B model has 6.5e9) global random
+    draws a uniform subset of the concatenation: exact size, distinct, in range, seeded."""
+    monkeypatch.setattr(ranking, "_RANDOM_PERM_LIMIT", 10)
+    monkeypatch.setattr(ranking, "_HYPERGEOMETRIC_LIMIT", 1000)
+    scores = {"a": torch.zeros(300, 100), "b": torch.zeros(100, 100)}
+    r = regions.select(scores, "random", 0.1, scope="global", seed=5)
+    assert r.numel() == 4000
+    assert abs(r.counts()["a"] - 3000) < 150  # mean 3000, sd ~ 24
+    assert all(int(i.max()) < scores[n].numel() for n, i in r.indices.items())
+    assert all(torch.equal(i, torch.unique(i)) for i in r.indices.values())
+    r2 = regions.select(scores, "random", 0.1, scope="global", seed=5)
+    assert all(torch.equal(r.indices[n], r2.indices[n]) for n in r.indices)
+
+
+def test_uniform_subset_is_uniform():
+    """Every 3-subset of 8 equally often (chi-square over the 56 subsets, 28,000 draws at fixed
+    seeds), with repeats forced (k close to n) so the redraw path is exercised."""
+    from collections import Counter
+    from math import comb
+
+    import numpy as np
+    from scipy.stats import chisquare
+
+    counts = Counter(tuple(ranking.uniform_subset(8, 3, np.random.default_rng(s)))
+                     for s in range(28_000))
+    assert len(counts) == comb(8, 3)
+    assert all(len(set(c)) == 3 and list(c) == sorted(c) for c in counts)
+    assert chisquare(list(counts.values())).pvalue > 1e-3
+    full = ranking.uniform_subset(50, 50, np.random.default_rng(0))
+    assert np.array_equal(full, np.arange(50))
+    with pytest.raises(RegionsError, match="51 distinct entries of 50"):
+        ranking.uniform_subset(50, 51, np.random.default_rng(0))
 
 
 def test_write_safetensors_streams_pieces(tmp_path):

@@ -27,6 +27,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
+from lmeval_regions import kernels
 from lmeval_regions.artefacts import (
     LazyScores,
     check_fingerprint,
@@ -40,6 +41,7 @@ from lmeval_regions.importance.accumulator import CRITERIA
 
 KIND = "importance"
 NON_NEGATIVE = frozenset(CRITERIA)
+_BITS = {torch.bfloat16: torch.int16, torch.float32: torch.int32}
 """Criteria whose scores cannot be negative: every one we compute (|θ·Σg|, Σ|θ·g|, Σg², |θ|,
 |W|·‖X‖)."""
 
@@ -51,6 +53,12 @@ def check_scores(name: str, scores: torch.Tensor, where: str, criterion: str | N
     if not scores.is_floating_point():
         raise ArtefactError(f"{where}: scores of '{name}' have dtype {scores.dtype}, expected "
                             "floating point")
+    if scores.device.type == "cpu" and scores.dtype in _BITS and scores.is_contiguous():
+        # one compiled pass over the bit patterns (torch's isfinite + min on bf16: ~10x slower)
+        nonfinite, negative = kernels.bad_counts(scores.view(_BITS[scores.dtype]).reshape(-1)
+                                                 .numpy())
+        if not nonfinite and not (negative and criterion in NON_NEGATIVE):
+            return
     if not bool(torch.isfinite(scores).all()):
         nan = int(torch.isnan(scores).sum())
         pos = int((scores == float("inf")).sum())

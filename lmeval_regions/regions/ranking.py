@@ -34,6 +34,7 @@ from typing import Callable, Iterable, Iterator, Mapping, TypeVar
 import numpy as np
 import torch
 
+from lmeval_regions import kernels
 from lmeval_regions.errors import RegionsError
 from lmeval_regions.regions.region import index_dtype
 
@@ -45,6 +46,7 @@ WORKERS: int | None = None
 """Threads ranking at once; None: ``torch.get_num_threads()`` (all cores by default)."""
 _RANDOM_PERM_LIMIT = 1 << 26
 """Up to this many entries, global ``random`` draws one permutation of all of them."""
+_HYPERGEOMETRIC_LIMIT = 10**9  # numpy's multivariate_hypergeometric("marginals") limit
 _NBINS = 1 << 16
 _HALF = _NBINS // 2
 _INF16, _NAN16 = 0x7F80, 0x7FFF  # +inf as a bf16 pattern; the key every NaN gets
@@ -385,7 +387,9 @@ def _random_global(sizes: dict[str, int], names: list[str], k: int, seed: int):
 
     Small sets: one permutation of everything. Large sets (above ``_RANDOM_PERM_LIMIT``): the
     count per parameter is drawn from the multivariate hypergeometric law (exactly the law of a
-    uniform k-subset), then each parameter's entries uniformly within it -- memory O(k).
+    uniform k-subset), then each parameter's entries uniformly within it -- memory O(k). Above
+    numpy's limit for that law (1e9 entries in all): :func:`uniform_subset` over the
+    concatenation, also O(k).
     """
     total = sum(sizes.values())
     out = {}
@@ -400,12 +404,48 @@ def _random_global(sizes: dict[str, int], names: list[str], k: int, seed: int):
             start += sizes[n]
         return out
     rng = np.random.default_rng([seed, zlib.crc32(b"global")])
+    if total >= _HYPERGEOMETRIC_LIMIT:
+        # numpy's hypergeometric draws need fewer than 1e9 entries in all (a 7B model has
+        # 6.5e9): draw the k positions over the whole concatenation instead
+        pos = uniform_subset(total, k, rng)
+        starts = np.cumsum([0] + [sizes[n] for n in names])
+        cuts = np.searchsorted(pos, starts)
+        for i, n in enumerate(names):
+            if cuts[i + 1] > cuts[i]:
+                sel = pos[cuts[i]:cuts[i + 1]] - starts[i]
+                out[n] = torch.from_numpy(sel).to(index_dtype(sizes[n]))
+        return out
     counts = rng.multivariate_hypergeometric([sizes[n] for n in names], k, method="marginals")
     for n, m in zip(names, counts):
         if m:
             sel = np.sort(rng.choice(sizes[n], size=int(m), replace=False))
             out[n] = torch.from_numpy(sel).to(index_dtype(sizes[n]))
     return out
+
+
+def uniform_subset(n: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    """``k`` distinct integers of ``[0, n)``, sorted (int64): the first ``k`` distinct values of
+    a sequence of independent uniform draws, which is a uniform k-subset. Memory about 17
+    bytes per selected entry, whatever ``n``; the expected repeats (about k^2 / 2n) are
+    replaced by further draws."""
+    if not 0 <= k <= n:
+        raise RegionsError(f"cannot draw {k} distinct entries of {n}")
+    got = rng.integers(0, n, size=k)
+    got.sort()
+    keep = np.empty(k, dtype=bool)
+    keep[:1] = True
+    np.not_equal(got[1:], got[:-1], out=keep[1:])
+    got = got[keep]
+    del keep
+    while got.size < k:
+        new = rng.integers(0, n, size=k - got.size)
+        _, first = np.unique(new, return_index=True)
+        new = new[np.sort(first)]  # the first occurrence of each, in draw order
+        at = np.searchsorted(got, new)
+        taken = got[np.minimum(at, got.size - 1)] == new
+        got = np.concatenate([got, new[~taken]])  # all are needed: never more than k
+        got.sort()
+    return got
 
 
 def select_global(scores: Mapping[str, torch.Tensor], names: list[str], method: str,
@@ -494,18 +534,12 @@ def _global_band(scores, names, sizes, lo, k, descending, dtypes) -> dict | None
         return None
 
     def band_of(n: str):
-        x = scores[n].detach().reshape(-1)
-        idx_parts, key_parts, below = [], [], 0
-        for s in range(0, sizes[n], CHUNK):
-            c = _raw(x[s:s + CHUNK]).numpy()
-            if c.size and (int(c.min()) < 0 or int(c.max()) > inf):
-                return None  # negatives or NaN (the sample missed them)
-            i = _in_band(c, lo_key, hi_key)
-            if lo_key is not None and hi_key is not None:
-                below += int(np.count_nonzero(c < lo_key))
-            idx_parts.append((i + s).astype(np.int32 if sizes[n] < 2**31 else np.int64))
-            key_parts.append(c[i])
-        return np.concatenate(idx_parts), np.concatenate(key_parts), below
+        c = _raw(scores[n].detach().reshape(-1)).numpy()
+        scanned = kernels.band_scan(c, lo_key, hi_key)  # one pass: band, count below, checks
+        if scanned is None:
+            return None  # negatives or NaN (the sample missed them)
+        i, below = scanned
+        return i.astype(np.int32 if sizes[n] < 2**31 else np.int64), c[i], below
 
     n_workers = min(workers(), len(names))
     band: dict[str, tuple] = {}
@@ -521,8 +555,6 @@ def _global_band(scores, names, sizes, lo, k, descending, dtypes) -> dict | None
             size += idx.size
             kt = torch.from_numpy(keys)
             hist += _bincount(kt if narrow else kt >> 16, True)
-    if lo_key is not None and hi_key is None:
-        below = total - size
     above = total - below - size
     if below > a or below + size < b:
         return None
@@ -700,13 +732,12 @@ def _sampled(x: torch.Tensor, lo: int, k: int, descending: bool) -> torch.Tensor
     else:
         return None
     n = v.numel()
-    vmin, vmax = torch.aminmax(v)
-    if int(vmin) < 0 or int(vmax) > inf:
-        return None  # the raw patterns are the keys only for non-negative, NaN-free values
     # the window in ascending ranks, and its bounds read off the sorted sample with a margin
     a, b = (n - lo - k, n - lo) if descending else (lo, lo + k)
     vn = v.numpy()
     sample = np.sort(vn[::max(1, n // SAMPLE)])  # (torch sorts a strided view 30x slower)
+    if sample[0] < 0 or sample[-1] > inf:
+        return None  # the raw patterns are the keys only for non-negative, NaN-free values
     ns = sample.size
 
     def bound(rank: int, side: int) -> int | None:
@@ -716,15 +747,10 @@ def _sampled(x: torch.Tensor, lo: int, k: int, descending: bool) -> torch.Tensor
         return None if i < 0 or i >= ns else int(sample[i])
 
     lo_key, hi_key = bound(a, -1), bound(b, +1)
-    parts, below = [], 0
-    for s in range(0, n, CHUNK):  # a chunk's mask stays in cache between the two steps
-        c = vn[s:s + CHUNK]
-        parts.append(_in_band(c, lo_key, hi_key) + s)
-        if lo_key is not None and hi_key is not None:
-            below += int(np.count_nonzero(c < lo_key))
-    band = np.concatenate(parts)
-    if lo_key is not None and hi_key is None:  # all not in the band is below it
-        below = n - band.size
+    scanned = kernels.band_scan(vn, lo_key, hi_key)  # one pass: band, count below, checks
+    if scanned is None:
+        return None  # negatives or NaN the sample missed
+    band, below = scanned
     above = n - below - band.size
     if below > a or below + band.size < b:
         return None  # the sample misjudged the window: rank exhaustively
