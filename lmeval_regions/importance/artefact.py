@@ -27,7 +27,6 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from lmeval_regions import kernels
 from lmeval_regions.artefacts import (
     LazyScores,
     check_fingerprint,
@@ -41,7 +40,7 @@ from lmeval_regions.importance.accumulator import CRITERIA
 
 KIND = "importance"
 NON_NEGATIVE = frozenset(CRITERIA)
-_BITS = {torch.bfloat16: torch.int16, torch.float32: torch.int32}
+_BITS = {torch.bfloat16: (torch.int16, 0x7F80), torch.float32: (torch.int32, 0x7F800000)}
 """Criteria whose scores cannot be negative: every one we compute (|θ·Σg|, Σ|θ·g|, Σg², |θ|,
 |W|·‖X‖)."""
 
@@ -53,11 +52,13 @@ def check_scores(name: str, scores: torch.Tensor, where: str, criterion: str | N
     if not scores.is_floating_point():
         raise ArtefactError(f"{where}: scores of '{name}' have dtype {scores.dtype}, expected "
                             "floating point")
-    if scores.device.type == "cpu" and scores.dtype in _BITS and scores.is_contiguous():
-        # one compiled pass over the bit patterns (torch's isfinite + min on bf16: ~10x slower)
-        nonfinite, negative = kernels.bad_counts(scores.view(_BITS[scores.dtype]).reshape(-1)
-                                                 .numpy())
-        if not nonfinite and not (negative and criterion in NON_NEGATIVE):
+    if scores.dtype in _BITS and scores.numel():
+        # the common case in one vectorised pass: every bit pattern, read as a signed integer,
+        # in [0, +inf's) <=> every value finite and >= +0.0 (torch's isfinite + min on bf16
+        # took ~15x as long); anything else is counted exactly below
+        bits, inf = _BITS[scores.dtype]
+        lo, hi = torch.aminmax(scores.view(bits))
+        if int(lo) >= 0 and int(hi) < inf:
             return
     if not bool(torch.isfinite(scores).all()):
         nan = int(torch.isnan(scores).sum())
