@@ -194,6 +194,36 @@ def test_random_global_large_is_uniform_and_exact_size(monkeypatch):
     assert all(torch.equal(i, torch.unique(i)) for i in r.indices.values())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_band_scan_equals_numpy(dtype):
+    """The compiled one-pass scan = numpy's expressions: positions in [lo, hi] and the count
+    below lo, for every kind of bound; None when an entry is negative or NaN."""
+    import numpy as np
+
+    from lmeval_regions import kernels
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(100_003, generator=g) * 3).to(dtype)
+    x[::97] = 0.0  # ties at zero
+    bits = x.view(torch.int16 if dtype == torch.bfloat16 else torch.int32).numpy()
+    q = [int(v) for v in np.quantile(bits, [0.3, 0.45, 0.7])]
+    for lo, hi in [(None, None), (None, q[0]), (q[2], None), (q[0], q[1]), (q[1], q[1]),
+                   (q[1], q[0]), (int(bits.max()) + 1, None), (None, -1)]:
+        keep = np.ones(bits.size, dtype=bool)
+        if lo is not None:
+            keep &= bits >= lo
+        if hi is not None:
+            keep &= bits <= hi
+        pos, below = kernels.band_scan(bits, lo, hi)
+        assert np.array_equal(pos, np.flatnonzero(keep)), (lo, hi)
+        assert below == (0 if lo is None else int((bits < lo).sum())), (lo, hi)
+    for bad in (float("nan"), -1.0, -0.0):
+        y = x.clone()
+        y[5] = bad
+        assert kernels.band_scan(y.view(bits.dtype == np.int16 and torch.int16 or torch.int32)
+                                 .numpy(), q[0], None) is None, bad
+
+
 def test_random_global_beyond_a_billion_entries(monkeypatch):
     """Above numpy's hypergeometric limit (1e9 entries: a 7B model has 6.5e9) global random
     draws a uniform subset of the concatenation: exact size, distinct, in range, seeded."""
