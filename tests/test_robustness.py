@@ -66,6 +66,8 @@ def test_robustness_report_end_to_end(tiny_lm_dir, tmp_path):
     assert [imps[f"sum_abs/{v}"].n_sequences for v in ("full", "half1", "half2", "n2")] == \
         [11, 6, 5, 4]
     assert imps["sum_abs/n2"].snapshot == 2 and imps["wanda/full"].criterion == "wanda"
+    # each core is the sum over the corpus' languages, in corpus order (kept as a running sum)
+    assert all(i.languages == list(corpus) for i in imps.values())
     # the full-corpus variant is the core score of a direct run per language over the same
     # batches (each half cut into batches of 2: 6 -> [2, 1] + [2, 1], 5 -> [2, 1] + [2])
     def halves(t):
