@@ -50,7 +50,9 @@ def _compiled():
     return _JIT
 
 
-_INF = {np.dtype(np.int16): 0x7F80, np.dtype(np.int32): 0x7F800000}  # +inf's bf16 / fp32 bits
+INF16, INF32 = 0x7F80, 0x7F800000
+"""+inf as a bf16 / fp32 bit pattern: a non-negative, NaN-free value's pattern lies in [0, INF]."""
+_INF = {np.dtype(np.int16): INF16, np.dtype(np.int32): INF32}
 
 
 def band_scan(bits: np.ndarray, lo: int | None, hi: int | None

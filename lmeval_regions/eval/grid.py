@@ -265,10 +265,12 @@ class Table:
             note += ("\n\n" + WORD_PPL_NOTE)
         if "limit" in self.meta:  # a grid's table says what it evaluated
             limit = self.meta["limit"]
-            docs = (f"--limit {limit:g}: the first {limit:g} documents of each task"
-                    if limit is not None and limit >= 1 else
-                    f"--limit {limit:g}: that fraction of each task's documents"
-                    if limit is not None else "every document of each task (no --limit)")
+            if limit is None:
+                docs = "every document of each task (no --limit)"
+            elif limit >= 1:
+                docs = f"--limit {limit:g}: the first {limit:g} documents of each task"
+            else:
+                docs = f"--limit {limit:g}: that fraction of each task's documents"
             batch = (self.meta.get("options") or {}).get("eval_batch_size")
             note += (f"\n\nModel {self.meta.get('model')}; {docs}"
                      + (f"; lm-eval batch size {batch}" if batch is not None else "") + ".")

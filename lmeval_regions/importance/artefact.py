@@ -27,6 +27,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
+from lmeval_regions import kernels
 from lmeval_regions.artefacts import (
     LazyScores,
     check_fingerprint,
@@ -40,9 +41,10 @@ from lmeval_regions.importance.accumulator import CRITERIA
 
 KIND = "importance"
 NON_NEGATIVE = frozenset(CRITERIA)
-_BITS = {torch.bfloat16: (torch.int16, 0x7F80), torch.float32: (torch.int32, 0x7F800000)}
 """Criteria whose scores cannot be negative: every one we compute (|θ·Σg|, Σ|θ·g|, Σg², |θ|,
 |W|·‖X‖)."""
+_BITS = {torch.bfloat16: (torch.int16, kernels.INF16),
+         torch.float32: (torch.int32, kernels.INF32)}
 
 
 def check_scores(name: str, scores: torch.Tensor, where: str, criterion: str | None) -> None:

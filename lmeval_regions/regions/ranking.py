@@ -49,8 +49,8 @@ _RANDOM_PERM_LIMIT = 1 << 26
 _HYPERGEOMETRIC_LIMIT = 10**9  # numpy's multivariate_hypergeometric("marginals") limit
 _NBINS = 1 << 16
 _HALF = _NBINS // 2
-_INF16, _NAN16 = 0x7F80, 0x7FFF  # +inf as a bf16 pattern; the key every NaN gets
-_INF32, _NAN32 = 0x7F800000, 0x7FFFFFFF
+_INF16, _INF32 = kernels.INF16, kernels.INF32  # +inf as a bf16 / fp32 pattern
+_NAN16, _NAN32 = 0x7FFF, 0x7FFFFFFF  # the key every NaN gets
 
 T = TypeVar("T")
 R = TypeVar("R")
