@@ -154,8 +154,16 @@ def run_command(cmd: Command, ns: argparse.Namespace) -> int:
                            "the launcher (only importance and activations run data parallel)")
     # Lock first, then check: a writer that finished between our check and our lock would
     # otherwise be overwritten without --overwrite. Launched ranks: rank 0 holds the locks and
-    # writes; the others compute their share.
-    with locked([*outputs, *files.folders]) if rank == 0 else contextlib.nullcontext():
+    # writes; the others compute their share. The artefacts are locked before the run config
+    # beside them (one order in every process, so no deadlock), so a second writer is told
+    # the name of the artefact, not of its config.
+    artefacts = [*files.outputs, *files.folders]
+    resolved = {Path(a).resolve() for a in artefacts}
+    beside = [] if target is None or Path(target).resolve() in resolved else [target]
+    with contextlib.ExitStack() as stack:
+        if rank == 0:
+            stack.enter_context(locked(artefacts))
+            stack.enter_context(locked(beside))
         check_files(files, outputs, run.overwrite)
         sections["run"] = run
         code = cmd.run(sections)
