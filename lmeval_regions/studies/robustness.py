@@ -16,7 +16,8 @@ one backward per batch); the full corpus is the sum of the halves' raw sums
 (:class:`importance.PassState`), i.e. the full corpus cut into the halves' batches; a snapshot
 at ``count`` sequences is the corpus' first ``count`` sequences of each language (paper 1's 10K
 vs 100K), read in the same passes. Memory: per language, one raw copy of the scores per
-criterion for each half and each snapshot.
+criterion for each half and each snapshot, beside one running core score per variant; once
+the cores are saved only their regions are kept (the effects run without the scores).
 
 Output folder: ``importance/<criterion>.<variant>.safetensors`` (every variant's core score,
 ordinary importance artefacts), ``report.json`` (every number), ``report.md``, and PNGs
@@ -164,6 +165,32 @@ def _core_importances(model, tokenizer, corpus, config, batch_size, max_length, 
     return out
 
 
+@dataclass
+class _Variant:
+    """What the report keeps of one variant once its scores are saved: its provenance and its
+    regions (``ratio -> method -> Region``), a few MB instead of one score per parameter."""
+
+    meta: dict[str, Any]
+    regions: dict[float, dict[str, Any]]
+
+
+def _variants(cores: dict[str, Importance], config: RobustnessConfig) -> dict[str, _Variant]:
+    """Each core importance reduced to its Top (and, to evaluate, Bottom) regions; ``cores``
+    is emptied as it goes, so the effects run without the scores in memory."""
+    methods = ("top", "bottom") if config.evaluate else ("top",)
+    out = {}
+    for label in list(cores):
+        imp = cores.pop(label)
+        meta = {"criterion": imp.criterion, "variant": imp.extra["variant"],
+                "snapshot": imp.snapshot, "n_sequences": imp.n_sequences,
+                "n_tokens": imp.n_tokens, "n_skipped": imp.n_skipped,
+                "file": f"importance/{imp.criterion}.{imp.extra['variant']}.safetensors"}
+        out[label] = _Variant(meta, {r: {m: select_from_importance(imp, m, r) for m in methods}
+                                     for r in config.ratios})
+        del imp
+    return out
+
+
 def _jaccards(tops: Mapping[str, Any]) -> dict[str, Any]:
     """Total Jaccard matrix of the labels' regions, and per-layer/per-module values per pair."""
     labels = list(tops)
@@ -179,8 +206,10 @@ def _jaccards(tops: Mapping[str, Any]) -> dict[str, Any]:
     return {"labels": labels, "matrix": matrix, "pairs": pairs}
 
 
-def _effects(model, tokenizer, heldout, cores, ratio, config) -> dict[str, Any]:
-    """Pooled and per-language perplexity ratios to the unedited model, per region."""
+def _effects(model, tokenizer, heldout, variants: Mapping[str, _Variant], randoms,
+             ratio: float, config: RobustnessConfig) -> dict[str, Any]:
+    """Pooled and per-language perplexity ratios to the unedited model, per region
+    (``randoms``: ``seed -> Random region`` at ``ratio``)."""
     def ppl():
         return perplexities(model, tokenizer, heldout, config.eval_max_length,
                             config.eval_batch_size)
@@ -191,11 +220,10 @@ def _effects(model, tokenizer, heldout, cores, ratio, config) -> dict[str, Any]:
                              for l in base["ppl_per_lang"]}}
 
     base = ppl()
-    any_scores = next(iter(cores.values())).scores
-    regions = {f"Random s{s}": select(any_scores, "random", ratio, seed=s) for s in config.seeds}
-    for label, imp in cores.items():
-        regions[f"{label} Top"] = select_from_importance(imp, "top", ratio)
-        regions[f"{label} Bottom"] = select_from_importance(imp, "bottom", ratio)
+    regions = {f"Random s{s}": randoms[s] for s in config.seeds}
+    for label, v in variants.items():
+        regions[f"{label} Top"] = v.regions[ratio]["top"]
+        regions[f"{label} Bottom"] = v.regions[ratio]["bottom"]
     rows = {}
     for name, region in regions.items():
         with Editor(model) as ed:  # restored bit-exactly on leaving the block
@@ -352,27 +380,29 @@ def run_robustness(model, tokenizer, corpus: Mapping[str, Sequence[str]],
     folder = Path(config.out)
     cores = _core_importances(model, tokenizer, corpus, config, batch_size, max_length,
                               folder / "importance")
+    # Random regions need only the matrices' shapes: taken from the first core before the
+    # scores are dropped
+    first = next(iter(cores.values())).scores
+    randoms = {r: {s: select(first, "random", r, seed=s) for s in config.seeds}
+               for r in config.ratios} if config.evaluate else {}
+    del first
+    variants = _variants(cores, config)
     report: dict[str, Any] = {
         "config": asdict(config),
         "model": getattr(getattr(model, "config", None), "_name_or_path", "") or
         type(model).__name__,
         "languages": list(corpus), "batch_size": batch_size, "max_length": max_length,
-        "variants": {label: {"criterion": imp.criterion, "variant": imp.extra["variant"],
-                             "snapshot": imp.snapshot, "n_sequences": imp.n_sequences,
-                             "n_tokens": imp.n_tokens, "n_skipped": imp.n_skipped,
-                             "file": f"importance/{imp.criterion}.{imp.extra['variant']}"
-                                     ".safetensors"}
-                     for label, imp in cores.items()},
+        "variants": {label: v.meta for label, v in variants.items()},
         "jaccard": {}, "effects": {},
     }
     for ratio in config.ratios:
         key = f"{ratio:g}"
-        report["jaccard"][key] = _jaccards({l: select_from_importance(i, "top", ratio)
-                                            for l, i in cores.items()})
+        report["jaccard"][key] = _jaccards({l: v.regions[ratio]["top"]
+                                            for l, v in variants.items()})
         if config.evaluate:
             report["effects"][key] = _effects(model, tokenizer, {l: list(t) for l, t in
                                                                  heldout.items()},
-                                              cores, ratio, config)
+                                              variants, randoms[ratio], ratio, config)
     report["plots"] = _plots(report, folder)
     write_text_atomic(folder / "report.json", json.dumps(report, indent=1, default=str) + "\n")
     write_text_atomic(folder / "report.md", _markdown(report))
