@@ -33,9 +33,17 @@ def _demo(tiny_lm_dir, shared_data, out, batch_size):
 
 @pytest.fixture(scope="module")
 def demo_run(tiny_lm_dir, shared_data, tmp_path_factory):
-    """The fast path (one model, shared Base, cached steps) at lm-eval's batch size 1."""
+    """The fast path (one model, shared Base, cached steps) at lm-eval's batch size 1.
+
+    On one thread, as the tests' plain path: a module fixture is made before the autouse
+    per-test thread setting, and a matmul split over two threads rounds differently."""
     out = tmp_path_factory.mktemp("demo") / "demo"
-    assert main(_demo(tiny_lm_dir, shared_data, out, 1)) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(_demo(tiny_lm_dir, shared_data, out, 1)) == 0
+    finally:
+        torch.set_num_threads(threads)
     return out, json.loads((out / "report.json").read_text())
 
 
