@@ -201,8 +201,8 @@ def main() -> None:
                     t3 = time.perf_counter()
                     lsm.argmax(-1)
                     t4 = time.perf_counter()
-                for key, v in zip(acc, (t1 - t, t2 - t1, t3 - t2, t4 - t3)):
-                    acc[key] += v
+                for key, dt in zip(acc, (t1 - t, t2 - t1, t3 - t2, t4 - t3)):
+                    acc[key] += dt
                 del h, logits, lsm
             padded[v] = pad
             for key, t in acc.items():

@@ -239,7 +239,6 @@ def main() -> None:
             print(key, report[key], flush=True)
         if args.cli:
             methods = args.methods.split(",")
-            warm = [report["read_raw"]]
             for scope in (None, *args.only):
                 for method in (methods if scope else ["top"]):
                     key = f"cli_{scope}_{method}" if scope else "cli_startup"
@@ -248,24 +247,26 @@ def main() -> None:
                                    **run_cli(scope, path, args.ratio, method=method)}
                     print(key, report[key], flush=True)
             report["read_raw_after"] = run_child("read_raw", path, args.ratio)
-            warm.append(report["read_raw_after"])
     finally:
         if not args.keep:
             path.unlink(missing_ok=True)
-    base = report["read_raw"]["seconds"]
+    # The base: the fastest warm read of the file (before the cases, and after them with
+    # --cli). A slower "warm" read was not all in the page cache yet (measured 5.5 s right after
+    # writing the 13 GB file, 1.8 s after the cases): the fastest gives the strictest ratio.
+    reads = [report["read_raw"], *([report["read_raw_after"]] if "read_raw_after" in report
+                                   else [])]
+    base = min(r["seconds"] for r in reads)
+    report["read_base_seconds"] = base
     report["time_vs_sequential_read"] = {w: report[w]["seconds"] / base
                                          for w in ("read_tensors", *args.only)}
-    cpu_base = max(report["read_raw"]["cpu_seconds"], 1e-9)
+    cpu_base = max(min(r["cpu_seconds"] for r in reads), 1e-9)
     report["cpu_time_vs_sequential_read"] = {w: report[w]["cpu_seconds"] / cpu_base
                                              for w in ("read_tensors", *args.only)}
     report["ns_per_entry"] = {w: report[w]["seconds"] / report["generate"]["entries"] * 1e9
                               for w in ("read_raw", *args.only)}
     report["peak_rss_ok"] = all(report[w]["peak_rss_mb"] <= args.rss_limit_mb for w in args.only)
     if args.cli:
-        # the base: the median warm read of the file, before and after the cases
-        reads = sorted(r["seconds"] for r in warm)
-        cli_base = reads[len(reads) // 2] if len(reads) % 2 else sum(reads) / len(reads)
-        report["cli_read_base_seconds"] = cli_base
+        cli_base = base
         cases = [k for k in report if k.startswith("cli_") and k != "cli_startup"
                  and isinstance(report[k], dict) and "seconds" in report[k]]
         report["cli_time_vs_sequential_read"] = {
