@@ -81,8 +81,11 @@ class DemoConfig:
     """Per-language Top/Bottom ratio before Eq. 5 (paper 1: 1%)."""
     seed: int = 0
     """Seed of the Random region."""
-    eval_batch_size: int = 8
-    """Documents per lm-eval forward pass (lm_eval --batch_size; lm-eval's default is 1).
+    eval_batch_size: int = 4
+    """Documents per lm-eval forward pass (lm_eval --batch_size; lm-eval's default is 1). 4 was
+    the fastest measured on 2 CPU cores with Gemma's 262k-entry vocabulary (a Table-1 condition
+    41-46 s at 4, 55-61 s at 8; docs/speed.md): each batch's logits and log-softmax are
+    vocabulary-sized buffers, and bigger ones cost more than they save.
     Batching pads each batch to its longest document and changes the summation order of the
     matrix products, not what is computed: on Gemma-3-270M the values agree with --batch_size 1
     to ~1e-6 relative, except perplexities of 1e7 and more (Top regions), whose exp() amplifies
