@@ -92,7 +92,7 @@ class DemoConfig:
     the same rounding to ~3e-5 (docs/speed.md); 1 reproduces plain per-condition lm_eval runs
     bit for bit."""
     quick: bool = False
-    """A smaller run (about 3 minutes on 2 cores; the same Table-1 verdicts on Gemma-3-270M):
+    """A smaller run (3-5 minutes on 2 cores; the same Table-1 verdicts on Gemma-3-270M):
     --units 4, --max-length 128, --eval-limit 2 and the monolingual table on the six
     importance languages only, where those are left at their defaults."""
 

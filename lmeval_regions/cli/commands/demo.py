@@ -26,7 +26,7 @@ COMMANDS = [
             "Top/Bottom/Random regions zeroed and evaluated by lm-eval on 31 languages,\n"
             "monolingual regions (Eq. 5), and a report folder (report.md, PNG plots,\n"
             "report.json, commands.sh, config.yaml). Cached: a second run reuses what is done.\n"
-            "About 13 minutes on 2 idle CPU cores; --quick under 3 (docs/speed.md).\n\n"
+            "About 10 minutes on 2 CPU cores; --quick 3-5 (docs/speed.md).\n\n"
             "examples:\n"
             "  lmeval-regions demo\n"
             "  lmeval-regions demo --quick --out reports/demo-quick\n"
