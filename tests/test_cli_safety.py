@@ -382,12 +382,14 @@ def test_ctrl_c_is_one_line_and_exit_130(tiny_lm_dir, tmp_path):
     """A real SIGINT during importance: exit 130, a one-line message, no traceback, no
     half-written artefact."""
     texts = tmp_path / "long.txt"
+    # 4,000 units of 256 tokens at batch 1: tens of seconds of work, interrupted after one
+    # (400 units finished within that second on an unloaded machine)
     texts.write_text("\n".join(f"Line {i}: " + "all human beings are born free " * 40
-                               for i in range(400)), encoding="utf-8")
+                               for i in range(4000)), encoding="utf-8")
     out = tmp_path / "i.safetensors"
     proc = subprocess.Popen(
         [sys.executable, "-m", "lmeval_regions.cli", "importance", "--model", str(tiny_lm_dir),
-         "--texts", str(texts), "--langs", "en", "--units", "400", "--max-length", "256",
+         "--texts", str(texts), "--langs", "en", "--units", "4000", "--max-length", "256",
          "--batch-size", "1", "--out", str(out), "--quiet"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -395,6 +397,7 @@ def test_ctrl_c_is_one_line_and_exit_130(tiny_lm_dir, tmp_path):
         if line.startswith("[importance] en:"):
             break
     time.sleep(1.0)  # inside the pass
+    assert proc.poll() is None, "the pass ended before the interrupt: give it more work"
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=600)  # slow only on a loaded machine
     assert proc.returncode == 130, err
