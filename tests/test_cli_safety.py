@@ -392,7 +392,11 @@ def test_ctrl_c_is_one_line_and_exit_130(tiny_lm_dir, tmp_path):
          "--texts", str(texts), "--langs", "en", "--units", "4000", "--max-length", "256",
          "--batch-size", "1", "--out", str(out), "--quiet"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO)})
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        # Ctrl-C's default action in the child, whatever this process inherited: a shell
+        # starts background jobs with SIGINT ignored, and Python then never raises
+        # KeyboardInterrupt (the child ran to the end: exit 0)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in proc.stdout:
         if line.startswith("[importance] en:"):
             break
