@@ -382,8 +382,8 @@ def test_ctrl_c_is_one_line_and_exit_130(tiny_lm_dir, tmp_path):
     """A real SIGINT during importance: exit 130, a one-line message, no traceback, no
     half-written artefact."""
     texts = tmp_path / "long.txt"
-    # 4,000 units of 256 tokens at batch 1: tens of seconds of work, interrupted after one
-    # (400 units finished within that second on an unloaded machine)
+    # 4,000 units of 256 tokens at batch 1: far more work than the one-second wait, so the
+    # interrupt lands inside the pass (checked before signalling)
     texts.write_text("\n".join(f"Line {i}: " + "all human beings are born free " * 40
                                for i in range(4000)), encoding="utf-8")
     out = tmp_path / "i.safetensors"
