@@ -55,15 +55,17 @@ def batch_perplexity(model, batches: Iterable[Mapping[str, torch.Tensor]]) -> di
 
 
 def perplexity(model, tokenizer, texts: list[str], max_length: int = 256,
-               batch_size: int = 1) -> dict[str, float]:
+               batch_size: int = 1, longest_first: bool = False) -> dict[str, float]:
     """Token perplexity of ``texts`` under ``model``: ``{"ppl", "nll", "tokens"}``.
 
     Each text is one sequence, ``[prefix] + tokens`` truncated to ``max_length`` tokens (the
     conditioning rule of :mod:`lmeval_regions.corpora.batches`): the prefix (BOS, else EOS) is
     context only, every text token is scored, as lm-eval's ``loglikelihood_rolling`` with
-    ``add_bos_token=False`` scores a text that fits one window.
+    ``add_bos_token=False`` scores a text that fits one window. ``longest_first``: batch the
+    texts longest first (less padding; the same sums up to float rounding).
     """
-    return batch_perplexity(model, batches(tokenizer, texts, batch_size, max_length))
+    return batch_perplexity(model, batches(tokenizer, texts, batch_size, max_length,
+                                           longest_first))
 
 
 def perplexities(model, tokenizer, texts: Mapping[str, list[str]], max_length: int = 256,

@@ -399,3 +399,34 @@ def test_folder_digest_follows_its_files(tmp_path, smollm_tokenizer):
     assert fingerprint(src)["sha256"] != first["sha256"]
     (d / "sub" / "b.txt").write_text("two\n", encoding="utf-8")
     assert fingerprint(src)["sha256"] == first["sha256"]
+
+
+def test_longest_first_batches_are_the_same_sequences_with_less_padding(tiny_lm_dir,
+                                                                       smollm_tokenizer):
+    """``longest_first`` reorders whole sequences (none changed, none lost), pads fewer tokens
+    on texts of mixed lengths, and gives the same perplexity up to float rounding."""
+    from transformers import AutoModelForCausalLM
+
+    from lmeval_regions.corpora import batches
+    from lmeval_regions.perplexity import perplexity
+
+    texts = [t * (1 + i % 3) for i, t in enumerate(TEXTS * 2)]  # mixed lengths
+
+    def rows(bs):
+        return [tuple(r[m.bool()].tolist()) for b in bs
+                for r, m in zip(b["input_ids"], b["attention_mask"])]
+
+    def padded(bs):
+        return sum(b["input_ids"].numel() for b in bs)
+
+    given = list(batches(smollm_tokenizer, texts, 3, 64))
+    sorted_ = list(batches(smollm_tokenizer, texts, 3, 64, longest_first=True))
+    assert sorted(rows(given)) == sorted(rows(sorted_))
+    lengths = [len(r) for r in rows(sorted_)]
+    assert lengths == sorted(lengths, reverse=True)
+    assert padded(sorted_) < padded(given)
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
+    a = perplexity(model, smollm_tokenizer, texts, 64, 3)
+    b = perplexity(model, smollm_tokenizer, texts, 64, 3, longest_first=True)
+    assert a["tokens"] == b["tokens"]
+    assert b["ppl"] == pytest.approx(a["ppl"], rel=1e-6)

@@ -160,14 +160,21 @@ def collate(seqs: Iterable[Sequence], batch_size: int, pad: int
         yield {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def batches(tokenizer, texts: list[str], batch_size: int = 4, max_length: int = 256
-            ) -> Iterator[dict[str, torch.Tensor]]:
+def batches(tokenizer, texts: list[str], batch_size: int = 4, max_length: int = 256,
+            longest_first: bool = False) -> Iterator[dict[str, torch.Tensor]]:
     """Right-padded batches with ``labels`` (-100 on padding) for causal-LM loss, one text per
     sequence: ``[prefix] + tokens`` truncated to ``max_length`` (the module's rule; for a
-    tokenizer that prepends BOS this is exactly ``tokenizer(texts, truncation=True, ...)``)."""
+    tokenizer that prepends BOS this is exactly ``tokenizer(texts, truncation=True, ...)``).
+
+    ``longest_first``: batch the sequences longest first (stable), so that each batch pads to
+    nearly its own length -- for sums over tokens (perplexity), which do not depend on which
+    texts share a batch; never for importance, whose per-batch estimator does."""
     if max_length < 2:
         raise RegionsError(f"max_length {max_length} must be >= 2 (one token to condition on, "
                            "one to score)")
     cond = Conditioning.of(tokenizer)
-    seqs = single_sequences(encode_lazily(tokenizer, texts), cond, max_length)
+    seqs: Iterable[Sequence] = single_sequences(encode_lazily(tokenizer, texts), cond,
+                                                max_length)
+    if longest_first:
+        seqs = sorted(seqs, key=lambda s: len(s[0]), reverse=True)
     return collate(seqs, batch_size, pad_id(tokenizer))
