@@ -196,8 +196,9 @@ def test_random_global_large_is_uniform_and_exact_size(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_band_scan_equals_numpy(dtype):
-    """The compiled one-pass scan = numpy's expressions: positions in [lo, hi] and the count
-    below lo, for every kind of bound; None when an entry is negative or NaN."""
+    """The compiled scan = numpy's expressions: positions in [lo, hi] and the count below lo,
+    for every kind of bound (ends, middle, empty, all, beyond the data), on lengths that are
+    and are not whole blocks of 16; None when an entry is negative, NaN or infinite."""
     import numpy as np
 
     from lmeval_regions import kernels
@@ -207,17 +208,18 @@ def test_band_scan_equals_numpy(dtype):
     x[::97] = 0.0  # ties at zero
     bits = x.view(torch.int16 if dtype == torch.bfloat16 else torch.int32).numpy()
     q = [int(v) for v in np.quantile(bits, [0.3, 0.45, 0.7])]
-    for lo, hi in [(None, None), (None, q[0]), (q[2], None), (q[0], q[1]), (q[1], q[1]),
-                   (q[1], q[0]), (int(bits.max()) + 1, None), (None, -1)]:
-        keep = np.ones(bits.size, dtype=bool)
-        if lo is not None:
-            keep &= bits >= lo
-        if hi is not None:
-            keep &= bits <= hi
-        pos, below = kernels.band_scan(bits, lo, hi)
-        assert np.array_equal(pos, np.flatnonzero(keep)), (lo, hi)
-        assert below == (0 if lo is None else int((bits < lo).sum())), (lo, hi)
-    for bad in (float("nan"), -1.0, -0.0):
+    for part in (bits, bits[:9], bits[:32], bits[3:1000]):
+        for lo, hi in [(None, None), (None, q[0]), (q[2], None), (q[0], q[1]), (q[1], q[1]),
+                       (q[1], q[0]), (int(bits.max()) + 1, None), (None, -1), (0, q[0])]:
+            keep = np.ones(part.size, dtype=bool)
+            if lo is not None:
+                keep &= part >= lo
+            if hi is not None:
+                keep &= part <= hi
+            pos, below = kernels.band_scan(part, lo, hi)
+            assert np.array_equal(pos, np.flatnonzero(keep)), (part.size, lo, hi)
+            assert below == (0 if lo is None else int((part < lo).sum())), (part.size, lo, hi)
+    for bad in (float("nan"), -1.0, -0.0, float("inf"), float("-inf")):
         y = x.clone()
         y[5] = bad
         assert kernels.band_scan(y.view(bits.dtype == np.int16 and torch.int16 or torch.int32)
