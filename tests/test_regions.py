@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import tiny_model
@@ -233,6 +235,45 @@ def test_monolingual_eq5_hand_made():
     assert idx(tops["ar"], "w") == [1, 2, 3, 4]       # inputs untouched
     with pytest.raises(RegionsError, match="same languages"):
         monolingual(tops, {"ar": bottoms["ar"]})
+
+
+def test_monolingual_equals_the_set_algebra_of_eq5():
+    """Eq. 5 by counting = each language's region minus the union of every other language's
+    Top and Bottom (the set algebra, as written in the paper): random regions over matrices of
+    several sizes, with a language's Top and Bottom overlapping and matrices some miss."""
+    g = torch.Generator().manual_seed(3)
+    shapes = {"a": [7], "b": [40, 5], "c": [300]}
+
+    def rand_region():
+        idx = {}
+        for n, s in shapes.items():
+            size = math.prod(s)
+            k = int(torch.randint(0, size // 3 + 1, (1,), generator=g))
+            if k:
+                idx[n] = torch.sort(torch.randperm(size, generator=g)[:k]).values.int()
+        return Region(idx, shapes)
+
+    langs = ["ar", "es", "ru", "zh"]
+    tops = {l: rand_region() for l in langs}
+    bottoms = {l: rand_region() for l in langs}
+    got = monolingual(tops, bottoms)
+    for l in langs:
+        others = None
+        for o in langs:
+            if o != l:
+                both = tops[o] | bottoms[o]
+                others = both if others is None else others | both
+        for band, src in (("top", tops[l]), ("bottom", bottoms[l])):
+            want = src - others
+            r = got[l][band]
+            assert list(r.indices) == list(want.indices), (l, band)
+            for n in want.indices:
+                assert torch.equal(r.indices[n], want.indices[n]), (l, band, n)
+                assert r.indices[n].dtype == want.indices[n].dtype
+                assert r.shapes[n] == want.shapes[n]
+    one = monolingual({"ar": tops["ar"]}, {"ar": bottoms["ar"]})  # nothing to exclude
+    assert all(torch.equal(one["ar"]["top"].indices[n], tops["ar"].indices[n])
+               for n in tops["ar"].indices)
 
 
 def test_distribution_counts():

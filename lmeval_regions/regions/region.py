@@ -74,13 +74,18 @@ class Region:
         return torch.stack(list(reversed(out)), dim=1)
 
     # ---- set algebra ------------------------------------------------------------------
-    def _combine(self, other: "Region", op: str) -> "Region":
+    def check_compatible(self, other: "Region", op: str) -> None:
+        """Raise :class:`ArtefactError` (naming ``op``) unless both regions can be combined:
+        the same model (when both know theirs) and the same shape for every shared name."""
         if self.model and other.model and self.model.get("sha256") != other.model.get("sha256"):
             raise ArtefactError(f"cannot {op} regions of different models")
         for n in set(self.shapes) & set(other.shapes):
             if list(self.shapes[n]) != list(other.shapes[n]):
                 raise ArtefactError(f"cannot {op} regions: '{n}' has shapes "
                                     f"{self.shapes[n]} and {other.shapes[n]}")
+
+    def _combine(self, other: "Region", op: str) -> "Region":
+        self.check_compatible(other, op)
         names = sorted(set(self.indices) | set(other.indices))
         out, shapes = {}, {}
         empty = np.empty(0, dtype=np.int64)
