@@ -91,14 +91,14 @@ def band_scan(bits: np.ndarray, lo: int | None, hi: int | None
     lo_ = 0 if lo is None else max(0, int(lo))
     hi_ = inf - 1 if hi is None else min(inf - 1, int(hi))
     k = _compiled()
-    if hi_ < lo_:
-        return np.empty(0, dtype=np.int64), int(k["below"](bits, bits.dtype.type(lo_)))
-    out = np.empty(min(bits.size, bits.size // 16 + 4096), dtype=np.int64)
-    lo32, width = np.int32(lo_), np.uint32(hi_ - lo_)
-    m = k["band"](bits, lo32, width, out)
-    if m > out.size:  # a wide band: a second pass with room for all of it
-        out = np.empty(m, dtype=np.int64)
+    out = np.empty(0 if hi_ < lo_ else min(bits.size, bits.size // 16 + 4096), dtype=np.int64)
+    m = 0
+    if hi_ >= lo_:  # (an empty band needs no pass: every entry is below or above it)
+        lo32, width = np.int32(lo_), np.uint32(hi_ - lo_)
         m = k["band"](bits, lo32, width, out)
+        if m > out.size:  # a wide band: a second pass with room for all of it
+            out = np.empty(m, dtype=np.int64)
+            m = k["band"](bits, lo32, width, out)
     if lo_ <= mn:
         n_below = 0
     elif hi_ >= mx:

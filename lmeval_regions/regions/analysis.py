@@ -113,12 +113,13 @@ def monolingual(tops: Mapping[str, Region],
                     sel = idx[torch.from_numpy(count[idx.numpy()] == 1)]
                     if sel.numel():
                         kept[l][band][n] = sel.to(index_dtype(size))
+    known = next((r.model for r in regions if r.model), {})
     out = {}
     for lang in langs:
         excluded = [l for l in langs if l != lang]
         pair = {}
         for band, src in (("top", tops[lang]), ("bottom", bottoms[lang])):
-            model = src.model or next((r.model for r in regions if r.model), src.model)
+            model = src.model or known
             got = kept[lang][band] if excluded else dict(src.indices)
             pair[band] = Region(got, {n: list(shapes[n]) for n in got}, model,
                                 {"monolingual": lang, "band": band, "excluded": excluded,
