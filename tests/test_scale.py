@@ -196,9 +196,10 @@ def test_random_global_large_is_uniform_and_exact_size(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_band_scan_equals_numpy(dtype):
-    """The compiled scan = numpy's expressions: positions in [lo, hi] and the count below lo,
-    for every kind of bound (ends, middle, empty, all, beyond the data), on lengths that are
-    and are not whole blocks of 16; None when an entry is negative, NaN or infinite."""
+    """The compiled scan = numpy's expressions: positions in [lo, hi], their patterns and the
+    count below lo, for every kind of bound (ends, middle, empty, all, beyond the data), on
+    lengths that are and are not whole blocks of 64; None when an entry is negative, NaN or
+    infinite, in a whole block or in the tail."""
     import numpy as np
 
     from lmeval_regions import kernels
@@ -208,7 +209,7 @@ def test_band_scan_equals_numpy(dtype):
     x[::97] = 0.0  # ties at zero
     bits = x.view(torch.int16 if dtype == torch.bfloat16 else torch.int32).numpy()
     q = [int(v) for v in np.quantile(bits, [0.3, 0.45, 0.7])]
-    for part in (bits, bits[:9], bits[:32], bits[3:1000]):
+    for part in (bits, bits[:9], bits[:32], bits[:64], bits[:65], bits[3:1000], bits[1:129]):
         for lo, hi in [(None, None), (None, q[0]), (q[2], None), (q[0], q[1]), (q[1], q[1]),
                        (q[1], q[0]), (int(bits.max()) + 1, None), (None, -1), (0, q[0])]:
             keep = np.ones(part.size, dtype=bool)
@@ -216,14 +217,17 @@ def test_band_scan_equals_numpy(dtype):
                 keep &= part >= lo
             if hi is not None:
                 keep &= part <= hi
-            pos, below = kernels.band_scan(part, lo, hi)
+            pos, keys, below = kernels.band_scan(part, lo, hi)
+            assert pos.dtype == np.int32 and keys.dtype == part.dtype
             assert np.array_equal(pos, np.flatnonzero(keep)), (part.size, lo, hi)
+            assert np.array_equal(keys, part[keep]), (part.size, lo, hi)
             assert below == (0 if lo is None else int((part < lo).sum())), (part.size, lo, hi)
     for bad in (float("nan"), -1.0, -0.0, float("inf"), float("-inf")):
-        y = x.clone()
-        y[5] = bad
-        assert kernels.band_scan(y.view(bits.dtype == np.int16 and torch.int16 or torch.int32)
-                                 .numpy(), q[0], None) is None, bad
+        for at in (5, -1):  # in a whole block and in the tail
+            y = x.clone()
+            y[at] = bad
+            assert kernels.band_scan(y.view(bits.dtype == np.int16 and torch.int16
+                                            or torch.int32).numpy(), q[0], None) is None, bad
 
 
 def test_random_global_beyond_a_billion_entries(monkeypatch):
@@ -241,24 +245,39 @@ def test_random_global_beyond_a_billion_entries(monkeypatch):
     assert all(torch.equal(r.indices[n], r2.indices[n]) for n in r.indices)
 
 
-def test_uniform_subset_is_uniform():
-    """Every 3-subset of 8 equally often (chi-square over the 56 subsets, 28,000 draws at fixed
-    seeds), with repeats forced (k close to n) so the redraw path is exercised."""
+@pytest.mark.parametrize("sizes, chunk, fast", [([8], 1 << 20, 0), ([3, 4], 2, 0),
+                                               ([2, 0, 5], 1 << 20, 1 << 32)])
+def test_uniform_parts_is_uniform(monkeypatch, sizes, chunk, fast):
+    """Every 3-subset of the concatenation equally often (chi-square over the C(n, 3)
+    subsets, 500 draws per subset at fixed seeds), with repeats forced (k close to n) so the
+    redraw path is exercised; the draws above 2^32 (rejected from a power of two) are forced
+    (``fast`` 0) on parts of 3 and 4 entries, made 2 at a time; an empty part gets nothing."""
     from collections import Counter
     from math import comb
 
     import numpy as np
     from scipy.stats import chisquare
 
-    counts = Counter(tuple(ranking.uniform_subset(8, 3, np.random.default_rng(s)))
-                     for s in range(28_000))
-    assert len(counts) == comb(8, 3)
-    assert all(len(set(c)) == 3 and list(c) == sorted(c) for c in counts)
+    monkeypatch.setattr(ranking, "DRAW_CHUNK", chunk)
+    monkeypatch.setattr(ranking, "FAST_BOUNDED", fast)
+    starts = np.cumsum([0] + sizes[:-1])
+    n = sum(sizes)
+
+    def draw(seed):
+        parts = ranking.uniform_parts(sizes, 3, np.random.default_rng(seed))
+        assert [p.dtype for p in parts] == [np.dtype(np.int64)] * len(sizes)
+        assert all(list(p) == sorted(set(p)) and (p.size == 0 or 0 <= p[0] and p[-1] < s)
+                   for p, s in zip(parts, sizes))
+        return tuple(int(v) for p, s in zip(parts, starts) for v in p + s)
+
+    counts = Counter(draw(s) for s in range(500 * comb(n, 3)))
+    assert len(counts) == comb(n, 3)
+    assert all(len(set(c)) == 3 for c in counts)
     assert chisquare(list(counts.values())).pvalue > 1e-3
-    full = ranking.uniform_subset(50, 50, np.random.default_rng(0))
-    assert np.array_equal(full, np.arange(50))
-    with pytest.raises(RegionsError, match="51 distinct entries of 50"):
-        ranking.uniform_subset(50, 51, np.random.default_rng(0))
+    full = ranking.uniform_parts(sizes, n, np.random.default_rng(0))
+    assert all(np.array_equal(p, np.arange(s)) for p, s in zip(full, sizes))
+    with pytest.raises(RegionsError, match=f"{n + 1} distinct entries of {n}"):
+        ranking.uniform_parts(sizes, n + 1, np.random.default_rng(0))
 
 
 def test_write_safetensors_streams_pieces(tmp_path):

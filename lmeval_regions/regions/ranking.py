@@ -388,8 +388,7 @@ def _random_global(sizes: dict[str, int], names: list[str], k: int, seed: int):
     Small sets: one permutation of everything. Large sets (above ``_RANDOM_PERM_LIMIT``): the
     count per parameter is drawn from the multivariate hypergeometric law (exactly the law of a
     uniform k-subset), then each parameter's entries uniformly within it -- memory O(k). Above
-    numpy's limit for that law (1e9 entries in all): :func:`uniform_subset` over the
-    concatenation, also O(k).
+    numpy's limit for that law (1e9 entries in all): :func:`uniform_parts`, also O(k).
     """
     total = sum(sizes.values())
     out = {}
@@ -406,13 +405,9 @@ def _random_global(sizes: dict[str, int], names: list[str], k: int, seed: int):
     rng = np.random.default_rng([seed, zlib.crc32(b"global")])
     if total >= _HYPERGEOMETRIC_LIMIT:
         # numpy's hypergeometric draws need fewer than 1e9 entries in all (a 7B model has
-        # 6.5e9): draw the k positions over the whole concatenation instead
-        pos = uniform_subset(total, k, rng)
-        starts = np.cumsum([0] + [sizes[n] for n in names])
-        cuts = np.searchsorted(pos, starts)
-        for i, n in enumerate(names):
-            if cuts[i + 1] > cuts[i]:
-                sel = pos[cuts[i]:cuts[i + 1]] - starts[i]
+        # 6.5e9): uniform draws over the concatenation instead, made parameter by parameter
+        for n, sel in zip(names, uniform_parts([sizes[n] for n in names], k, rng)):
+            if sel.size:
                 out[n] = torch.from_numpy(sel).to(index_dtype(sizes[n]))
         return out
     counts = rng.multivariate_hypergeometric([sizes[n] for n in names], k, method="marginals")
@@ -423,29 +418,72 @@ def _random_global(sizes: dict[str, int], names: list[str], k: int, seed: int):
     return out
 
 
-def uniform_subset(n: int, k: int, rng: np.random.Generator) -> np.ndarray:
-    """``k`` distinct integers of ``[0, n)``, sorted (int64): the first ``k`` distinct values of
-    a sequence of independent uniform draws, which is a uniform k-subset. Memory about 17
-    bytes per selected entry, whatever ``n``; the expected repeats (about k^2 / 2n) are
-    replaced by further draws."""
-    if not 0 <= k <= n:
-        raise RegionsError(f"cannot draw {k} distinct entries of {n}")
-    got = rng.integers(0, n, size=k)
-    got.sort()
-    keep = np.empty(k, dtype=bool)
-    keep[:1] = True
-    np.not_equal(got[1:], got[:-1], out=keep[1:])
-    got = got[keep]
-    del keep
-    while got.size < k:
-        new = rng.integers(0, n, size=k - got.size)
-        _, first = np.unique(new, return_index=True)
-        new = new[np.sort(first)]  # the first occurrence of each, in draw order
-        at = np.searchsorted(got, new)
-        taken = got[np.minimum(at, got.size - 1)] == new
-        got = np.concatenate([got, new[~taken]])  # all are needed: never more than k
-        got.sort()
-    return got
+def uniform_parts(sizes: list[int], k: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """``k`` distinct positions of the concatenation of parts of ``sizes`` entries, uniformly
+    (a uniform k-subset), as sorted int64 positions within each part.
+
+    The first ``k`` distinct values of a sequence of independent uniform draws over the
+    concatenation, made part by part: how many of a round's draws land in each part is
+    multinomial (shares ``size / total`` in float64), where in the part uniform; the repeats
+    of a round (about k^2 / 2 total) are drawn again. Memory: the selected positions, no
+    array over all of them at once (at 7B scale 65 M positions: fresh memory costs up to
+    seconds of page faults on a VM).
+    """
+    total = sum(sizes)
+    if not 0 <= k <= total:
+        raise RegionsError(f"cannot draw {k} distinct entries of {total}")
+    share = np.asarray(sizes, dtype=np.float64) / max(1, total)
+    parts = [distinct(uniform_draws(n, int(c), rng)) for n, c in
+             zip(sizes, rng.multinomial(k, share))]
+    extra = [np.empty(0, dtype=np.int64) for _ in sizes]
+    missing = k - sum(p.size for p in parts)
+    while missing:  # (a round adds at most `missing` new values: never too many)
+        for i, c in enumerate(rng.multinomial(missing, share)):
+            if c:
+                new, p = distinct(uniform_draws(sizes[i], int(c), rng)), parts[i]
+                if p.size:
+                    new = new[p[np.minimum(np.searchsorted(p, new), p.size - 1)] != new]
+                extra[i] = distinct(np.concatenate([extra[i], new]))
+        missing = k - sum(p.size + e.size for p, e in zip(parts, extra))
+    return [distinct(np.concatenate([p, e])) if e.size else p for p, e in zip(parts, extra)]
+
+
+def distinct(a: np.ndarray) -> np.ndarray:
+    """The distinct values of the 1-D ``a``, sorted (``a`` is sorted in place). numpy 2.x's
+    ``np.unique`` hashes integers first: 30x slower than a sort on 0.3 M int64 here."""
+    a.sort()
+    if a.size < 2:
+        return a
+    keep = np.empty(a.size, dtype=bool)
+    keep[0] = True
+    np.not_equal(a[1:], a[:-1], out=keep[1:])
+    return a[keep]
+
+
+DRAW_CHUNK = 1 << 20
+"""Draws made at once by :func:`uniform_draws` above :data:`FAST_BOUNDED` (8 MB of temporaries)."""
+FAST_BOUNDED = 1 << 32
+"""Up to this range numpy's bounded draws are fast (32-bit); above it they are rejected from a
+power of two."""
+
+
+def uniform_draws(n: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    """``size`` independent uniform integers of ``[0, n)`` (int64), in draw order. Above 2^32
+    (a 7B model's 6.5e9 entries) numpy's bounded draws cost ~70 ns each unless the range is
+    a power of two (~2.5 ns, as below 2^32): there they are draws of ``[0, 2^b)`` (``2^b``
+    the power of two at or above ``n``) with those ``>= n`` rejected, a chunk at a time."""
+    if n <= FAST_BOUNDED:
+        return rng.integers(0, n, size=size)
+    span = 1 << (n - 1).bit_length()
+    out = np.empty(size, dtype=np.int64)
+    have = 0
+    while have < size:
+        want = min(size - have, DRAW_CHUNK)
+        d = rng.integers(0, span, size=math.ceil(want * span / n * 1.001) + 64)
+        d = d[d < n][:want]
+        out[have:have + d.size] = d
+        have += d.size
+    return out
 
 
 def select_global(scores: Mapping[str, torch.Tensor], names: list[str], method: str,
@@ -535,11 +573,7 @@ def _global_band(scores, names, sizes, lo, k, descending, dtypes) -> dict | None
 
     def band_of(n: str):
         c = _raw(scores[n].detach().reshape(-1)).numpy()
-        scanned = kernels.band_scan(c, lo_key, hi_key)  # one pass: band, count below, checks
-        if scanned is None:
-            return None  # negatives or NaN (the sample missed them)
-        i, below = scanned
-        return i.astype(np.int32 if sizes[n] < 2**31 else np.int64), c[i], below
+        return kernels.band_scan(c, lo_key, hi_key)  # one pass: band, keys, count below, checks
 
     n_workers = min(workers(), len(names))
     band: dict[str, tuple] = {}
@@ -747,18 +781,18 @@ def _sampled(x: torch.Tensor, lo: int, k: int, descending: bool) -> torch.Tensor
         return None if i < 0 or i >= ns else int(sample[i])
 
     lo_key, hi_key = bound(a, -1), bound(b, +1)
-    scanned = kernels.band_scan(vn, lo_key, hi_key)  # one pass: band, count below, checks
+    scanned = kernels.band_scan(vn, lo_key, hi_key)  # one pass: band, keys, count below, checks
     if scanned is None:
         return None  # negatives or NaN the sample missed
-    band, below = scanned
+    band, band_keys, below = scanned
     above = n - below - band.size
     if below > a or below + band.size < b:
         return None  # the sample misjudged the window: rank exhaustively
-    keys = torch.from_numpy(vn[band]).view(x.dtype)
+    keys = torch.from_numpy(band_keys).view(x.dtype)
     inner = select_window(lambda _: keys, ["c"], {"c": keys.numel()},
                           lo - (above if descending else below), k, descending,
                           {"c": x.dtype}, n_workers=1)["c"]
-    return torch.from_numpy(band)[inner.long()]
+    return torch.from_numpy(band)[inner.long()].long()
 
 
 def _random_flat(n: int, k: int, seed: int) -> torch.Tensor:
