@@ -172,9 +172,17 @@ def test_batched_demo_agrees_to_1e5(demo_run, tiny_lm_dir, shared_data, tmp_path
     other = json.loads((batched / "report.json").read_text())
     assert other["config"]["demo"]["eval_batch_size"] == 4
     assert other["table1"]["meta"]["options"]["eval_batch_size"] == "4"
+    # Table 1's Top columns run at batch 1 whatever --eval-batch-size (--top-batch-size):
+    # the same computation as the batch-1 run, so the same bits
+    assert other["table1"]["meta"]["options"]["method_batch_size"] == {"top": 1}
+    tops = [c for c in report["table1"]["columns"] if c.startswith("Top")]
+    assert tops
     for table in ("table1", "monolingual"):
         a, b = report[table]["cells"], other[table]["cells"]
         assert a.keys() == b.keys()
         for row in a:
             for col, v in a[row].items():
+                if table == "table1" and col in tops:
+                    assert b[row][col] == v, (row, col)
                 assert math.isclose(b[row][col], v, rel_tol=1e-5), (table, row, col)
+    assert "--method-batch-size top=1" in (batched / "commands.sh").read_text()

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from lmeval_regions.errors import RegionsError
-from lmeval_regions.eval.grid import Condition, LmEvalConfig, run_grid
+from lmeval_regions.eval.grid import Condition, GridSession, LmEvalConfig, run_grid
 from lmeval_regions.eval.ppl_task import load_text
 from lmeval_regions.eval.tasks import tasks_path
 
@@ -110,7 +110,40 @@ def test_text_ppl_without_path_names_the_real_flag():
                                       ({"metadata": "{text_path: x}"}, "is not JSON"),
                                       ({"num_fewshot": -1}, "num_fewshot -1"),
                                       ({"fewshot_as_multiturn": True}, "needs apply_chat_template"),
-                                      ({"gen_kwargs": "max_gen_toks=5,greedy"}, "not key=value")])
+                                      ({"gen_kwargs": "max_gen_toks=5,greedy"}, "not key=value"),
+                                      ({"method_batch_size": "tops=1"},
+                                       "'tops' is not one of .*Did you mean: top"),
+                                      ({"method_batch_size": "top=0"}, "top=0: the batch size")])
 def test_options_refuse_bad_values(kw, match):
     with pytest.raises(RegionsError, match=match):
         LmEvalConfig(**kw)
+
+
+def test_method_batch_size_applies_to_its_columns_only(tiny_lm_dir, monkeypatch):
+    """--method-batch-size top=1 over --eval-batch-size 4: lm-eval runs the Top column at 1
+    (the LM object's batch size, which lm-eval reads, and the recorded one) and every other
+    column at 4; the model's batch size is put back after each, also when lm-eval fails; the
+    batch size is part of the column's resume key."""
+    import lm_eval
+
+    session = GridSession(str(tiny_lm_dir), LmEvalConfig(eval_batch_size="4",
+                                                         method_batch_size="top=1"))
+    monkeypatch.setattr(session, "_tasks", lambda tasks: [])
+    seen = []
+
+    def fake(model, batch_size, **kw):
+        seen.append((model.batch_size_per_gpu, batch_size))
+        if len(seen) == 4:
+            raise RuntimeError("lm-eval failed")
+        return {}
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", fake)
+    top, bottom = Condition("Top 1%", "top", 0.01), Condition("Bottom 1%", "bottom", 0.01)
+    for c in (Condition("Base"), top, bottom):
+        session.evaluate(c, ["text_ppl"])
+    assert seen == [(4, 4), (1, 1), (4, 4)]
+    with pytest.raises(RuntimeError, match="lm-eval failed"):
+        session.evaluate(top, ["text_ppl"])
+    assert session.lm.batch_size_per_gpu == 4
+    assert json.loads(session.key(top, ["t"]))["args"]["batch_size"] == "1"
+    assert json.loads(session.key(bottom, ["t"]))["args"]["batch_size"] == "4"

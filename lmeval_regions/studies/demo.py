@@ -91,6 +91,11 @@ class DemoConfig:
     to ~1e-6 relative, except perplexities of 1e7 and more (Top regions), whose exp() amplifies
     the same rounding to ~3e-5 (docs/speed.md); 1 reproduces plain per-condition lm_eval runs
     bit for bit."""
+    top_batch_size: int = 1
+    """lm-eval batch size of Table 1's Top columns (--method-batch-size top=N of `table`). 1,
+    whatever --eval-batch-size: those regions break the model (perplexities 1e7-1e10), and
+    exp() of the mean NLL amplifies batch rounding to ~3e-5 relative; at 1 they are the plain
+    lm_eval run's values bit for bit, for ~6 % more Table-1 time (docs/speed.md)."""
     quick: bool = False
     """A smaller run (3-5 minutes on 2 cores; the same Table-1 verdicts on Gemma-3-270M):
     --units 4, --max-length 128, --eval-limit 2 and the monolingual table on the six
@@ -108,10 +113,10 @@ class DemoConfig:
                 raise RegionsError(f"--methods: '{m}' is not one of {METHODS}")
         for r in (*self.ratios, self.mono_ratio):
             check_ratio(r)
-        if isinstance(self.eval_batch_size, bool) or not isinstance(self.eval_batch_size, int) \
-                or self.eval_batch_size < 1:
-            raise RegionsError(f"--eval-batch-size {self.eval_batch_size!r} must be an integer "
-                               ">= 1")
+        for flag, v in (("--eval-batch-size", self.eval_batch_size),
+                        ("--top-batch-size", self.top_batch_size)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise RegionsError(f"{flag} {v!r} must be an integer >= 1")
         if self.quick:
             defaults = DemoConfig()
             if self.eval_limit == defaults.eval_limit:
@@ -327,6 +332,11 @@ def _plots(table1, mono_table, core_top: Path, out: Path, model_name: str,
     return made
 
 
+def _method_batch(demo: DemoConfig) -> dict[str, int]:
+    """lm-eval batch sizes of Table 1's columns that differ from --eval-batch-size."""
+    return {"top": demo.top_batch_size} if demo.top_batch_size != demo.eval_batch_size else {}
+
+
 def _commands(model: ModelConfig, corpus: CorpusConfig, config: ImportanceConfig,
               demo: DemoConfig, model_path: str, udhr: Path, out: Path,
               mono_files: dict[str, dict[str, Path]]) -> str:
@@ -357,9 +367,10 @@ def _commands(model: ModelConfig, corpus: CorpusConfig, config: ImportanceConfig
             reg = out / "table1" / "regions" / f"{m}_{r:g}_matrix_split_s{demo.seed}.safetensors"
             lines.append(f"lmeval-regions extract --importance {q(str(imp / 'core.safetensors'))} "
                          f"--method {m} --ratio {r:g} --seed {demo.seed} --out {q(str(reg))}")
+            b = _method_batch(demo).get(m, demo.eval_batch_size)
             lines.append(f"lm_eval --model hf-regions --model_args {base_args},"
                          f"region={q(str(reg))} --include_path \"$TASKS\" --tasks "
-                         f"{table1_tasks}{lim}{bs}")
+                         f"{table1_tasks}{lim}" + (f" --batch_size {b}" if b != 1 else ""))
     lines.append(f"lm_eval --model hf-regions --model_args {base_args} "
                  f"--include_path \"$TASKS\" --tasks {table1_tasks}{lim}{bs}   # Base")
     lines.append("# the whole grid in one command:")
@@ -367,7 +378,9 @@ def _commands(model: ModelConfig, corpus: CorpusConfig, config: ImportanceConfig
                  f"{q(str(imp / 'core.safetensors'))} --methods {','.join(demo.methods)} "
                  f"--ratios {','.join(f'{r:g}' for r in demo.ratios)} --seed {demo.seed} "
                  f"--tasks {table1_tasks}{lim} --model-args add_bos_token=False "
-                 f"--eval-batch-size {demo.eval_batch_size} --out {q(str(out / 'table1'))}")
+                 f"--eval-batch-size {demo.eval_batch_size}"
+                 + "".join(f" --method-batch-size {m}={n}" for m, n in _method_batch(demo).items())
+                 + f" --out {q(str(out / 'table1'))}")
     lines += ["", "# 3. monolingual regions (Eq. 5) and their removal"]
     lines.append("lmeval-regions monolingual --importance "
                  + ",".join(f"{l}={imp / f'{l}.safetensors'}" for l in corpus.langs)
@@ -412,6 +425,7 @@ def run_demo(model: ModelConfig | None = None, corpus: CorpusConfig | None = Non
     hf.pop("pretrained")
     device = hf.pop("device", "cpu")
     lm_eval_config = LmEvalConfig(limit=demo.eval_limit, eval_batch_size=str(demo.eval_batch_size),
+                                  method_batch_size=_method_batch(demo),
                                   model_args={"add_bos_token": False})
     # One model for the whole run, loaded on first use: the importance pass, then every
     # condition of both tables (edited and restored in place). Never loaded on a cached re-run.
