@@ -13,6 +13,8 @@ It is exact: it returns what the numpy expressions in its docstring return.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 _JIT: dict = {}
@@ -78,7 +80,51 @@ def _compiled():
                 m += 1
         return m, acc, below
 
-    _JIT.update(band=band)
+    @numba.njit(nogil=True, cache=True)
+    def window(pos, keys, lo, nbins, wa, wb, descending, out):
+        # The band (pos ascending, keys[i] - lo in [0, nbins)) ranked by key (descending or
+        # ascending), ties by position: ranks [wa, wb) into out, in position order. A
+        # histogram of the keys gives the keys at both ends (and how many of their ties are
+        # in); one pass in position order takes them.
+        hist = np.zeros(nbins, dtype=np.int64)
+        m = keys.size
+        for i in range(m):
+            hist[np.int64(keys[i]) - lo] += 1
+        before = 0
+        first = -1
+        skip = 0
+        last = -1
+        take = 0
+        for j in range(nbins):
+            b = nbins - 1 - j if descending else j
+            c = hist[b]
+            if first < 0 and before + c > wa:
+                first, skip = b, wa - before
+            if before + c >= wb:
+                last, take = b, wb - before
+                break
+            before += c
+        o = 0
+        seen_first = 0
+        seen_last = 0
+        for i in range(m):
+            b = np.int64(keys[i]) - lo
+            if b == first:
+                if seen_first >= skip and (first != last or seen_first < take):
+                    out[o] = pos[i]
+                    o += 1
+                seen_first += 1
+            elif b == last:
+                if seen_last < take:
+                    out[o] = pos[i]
+                    o += 1
+                seen_last += 1
+            elif (b < first and b > last) if descending else (b > first and b < last):
+                out[o] = pos[i]
+                o += 1
+        return o
+
+    _JIT.update(band=band, window=window)
     return _JIT
 
 
@@ -89,7 +135,20 @@ _KINDS = {np.dtype(np.int16): (np.uint16, INF16, 0x8000),
           np.dtype(np.int32): (np.uint32, INF32, 0x80000000)}
 
 
-def band_scan(bits: np.ndarray, lo: int | None, hi: int | None
+_LOCAL = threading.local()
+
+
+def _scratch(name: str, size: int, dtype) -> np.ndarray:
+    """This thread's reusable array ``name`` of at least ``size`` entries: fresh memory costs
+    a page fault per 4 KB (on this VM up to ~10 us each: more than the scan itself)."""
+    buf = getattr(_LOCAL, name, None)
+    if buf is None or buf.size < size or buf.dtype != dtype:
+        buf = np.empty(size, dtype=dtype)
+        setattr(_LOCAL, name, buf)
+    return buf[:size]
+
+
+def band_scan(bits: np.ndarray, lo: int | None, hi: int | None, scratch: bool = False
               ) -> tuple[np.ndarray, np.ndarray, int] | None:
     """The band of ``bits`` (1-D ``int16`` of bf16 or ``int32`` of fp32 values, any length n)
     of scores expected finite, non-negative and NaN-free, in one pass.
@@ -98,7 +157,9 @@ def band_scan(bits: np.ndarray, lo: int | None, hi: int | None
     (bits <= hi))`` (ascending; int32 when n < 2^31, else int64; ``lo``/``hi`` None:
     unbounded), ``keys`` = ``bits[positions]`` and ``below`` = ``(bits < lo).sum()`` (0 when
     ``lo`` is None). Returns None when some entry is negative, NaN or infinite (a pattern
-    below 0 or at/above +inf's), for which the caller ranks otherwise.
+    below 0 or at/above +inf's), for which the caller ranks otherwise. ``scratch``: the
+    positions and keys are views of this thread's reusable buffers, valid until its next
+    ``band_scan(..., scratch=True)``.
     """
     utype, inf, sign = _KINDS[bits.dtype]
     pos_type = np.int32 if bits.size < 2**31 else np.int64
@@ -116,13 +177,40 @@ def band_scan(bits: np.ndarray, lo: int | None, hi: int | None
     u = bits.view(utype)
     args = (utype(band_lo), utype(band_hi), utype(lo_), utype(sign - inf), count)
     band = _compiled()["band"]
-    out, keys = np.empty(cap, dtype=pos_type), np.empty(cap, dtype=utype)
+    def room(size: int) -> tuple[np.ndarray, np.ndarray]:
+        if scratch:
+            return _scratch("pos", size, pos_type), _scratch("keys", size, utype)
+        return np.empty(size, dtype=pos_type), np.empty(size, dtype=utype)
+
+    out, keys = room(cap)
     m, acc, below = band(u, *args, out, keys)
     if int(acc) & sign:
         return None
     if m > out.size:  # a wide band: a second pass with room for all of it
-        out, keys = np.empty(m, dtype=pos_type), np.empty(m, dtype=utype)
+        out, keys = room(m)
         m, _, _ = band(u, *args, out, keys)
     if not count:
         below = 0 if lo_ == 0 else bits.size - m
     return out[:m], keys[:m].view(bits.dtype), int(below)
+
+
+def band_window(positions: np.ndarray, keys: np.ndarray, lo: int, hi: int, start: int,
+                stop: int, descending: bool) -> np.ndarray:
+    """Ranks ``[start, stop)`` of a band of bf16 patterns (:func:`band_scan`'s ``positions``
+    ascending and ``keys``, every key in ``[lo, hi]``), ranked by key (``descending`` or not),
+    ties by position: their positions, ascending (the dtype of ``positions``).
+
+    Exactly ``positions[order][start:stop]`` sorted, ``order`` a stable sort of ``keys``
+    (negated when ``descending``). For 16-bit keys: one histogram of ``hi - lo + 1`` bins.
+    """
+    if not 0 <= start <= stop <= keys.size:
+        raise ValueError(f"ranks [{start}, {stop}) are outside a band of {keys.size}")
+    out = np.empty(stop - start, dtype=positions.dtype)
+    if stop == start:
+        return out
+    u = keys.view(np.uint16)
+    got = _compiled()["window"](positions, u, int(lo), int(hi) - int(lo) + 1, int(start),
+                                int(stop), bool(descending), out)
+    if got != out.size:  # (a key outside [lo, hi] would be the caller's error)
+        raise ValueError(f"band_window took {got} entries, expected {out.size}")
+    return out

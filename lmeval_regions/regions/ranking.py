@@ -266,6 +266,36 @@ class _Window:
                                                                            beyond_last)
         self.bounds = (self.lo_key if need_lo else None, self.hi_key if need_hi else None)
 
+    def take_all(self, parts: list[tuple[np.ndarray, np.ndarray]], n_workers: int
+                 ) -> list[np.ndarray]:
+        """:meth:`take` of every part (in position order: parts in order, each consumed
+        whole), the parts handled by ``n_workers`` threads: the entries tied at each end key
+        are counted per part first, which fixes how many of each part's ties are in."""
+        ends = list(self.ties)
+
+        def count(part):
+            return [int(np.count_nonzero(part[1] == kv)) for kv in ends]
+
+        taken = []  # per part, per end key: the slice of its tied entries that is in
+        for counts in _pmap(count, parts, n_workers):
+            row = []
+            for kv, c in zip(ends, counts):
+                (first, last), seen = self.ties[kv], self.seen[kv]
+                row.append((max(0, first - seen), max(0, min(c, last - seen))))
+                self.seen[kv] = seen + c
+            taken.append(row)
+
+        def select(job):
+            (idx, keys), row = job
+            keep = (keys >= self.lo_key) & (keys <= self.hi_key)
+            for kv, (a, b) in zip(ends, row):
+                at = keys == kv
+                keep &= ~at
+                keep[np.flatnonzero(at)[a:b]] = True
+            return idx if keep.all() else idx[keep]
+
+        return list(_pmap(select, zip(parts, taken), n_workers))
+
     def take(self, idx: np.ndarray, keys: np.ndarray) -> np.ndarray:
         """The candidates (in position order, consumed in order) that are in the window."""
         if idx.size and (keys.min() < self.lo_key or keys.max() > self.hi_key):
@@ -507,6 +537,9 @@ def select_global(scores: Mapping[str, torch.Tensor], names: list[str], method: 
     return got, shapes
 
 
+GLOBAL_SAMPLE = 1 << 20
+"""Entries sampled (in blocks of every parameter) to bound a global rank window: at 7B scale
+the band around a middle 1% window is ~2 % of the entries at this size, 3.5 % at 2^16."""
 BAND_BYTES = 1_400_000_000
 """Memory the one-pass global selection may hold in band entries (4-byte position + key):
 a 3 % window of LLaMA-2-7B's 6.48 B bf16 entries fits (with the 2 GB peak in view)."""
@@ -551,7 +584,8 @@ def _global_band(scores, names, sizes, lo, k, descending, dtypes) -> dict | None
         return None
     narrow = kinds == {torch.bfloat16}
     inf, total = (_INF16 if narrow else _INF32), sum(sizes.values())
-    sample = torch.sort(_sample(scores, names, sizes, SAMPLE // max(1, len(names)) + 64)).values
+    sample = torch.sort(_sample(scores, names, sizes, GLOBAL_SAMPLE // max(1, len(names)) + 64)
+                        ).values
     if int(sample[0]) < 0 or int(sample[-1]) > inf:
         return None
     ns = sample.numel()
@@ -610,11 +644,11 @@ def _global_band(scores, names, sizes, lo, k, descending, dtypes) -> dict | None
         counts = {kv: int(low[(kv >> 16) + _HALF][kv & 0xFFFF]) for kv, _ in ends}
     win = _Window(ends, blo, blo + k, descending, counts, size)
     out = {}
-    for n in names:
-        idx, keys = band.pop(n)  # (the band is wider than the window: take() narrows it)
-        sel = torch.from_numpy(win.take(idx, keys))
-        if sel.numel():
-            out[n] = sel.to(index_dtype(sizes[n]))
+    with _one_thread_per_op(n_workers):  # (the band is wider than the window: narrowed here)
+        picked = win.take_all([band.pop(n) for n in names], n_workers)
+    for n, sel in zip(names, picked):
+        if sel.size:
+            out[n] = torch.from_numpy(sel).to(index_dtype(sizes[n]))
     return out
 
 
@@ -724,7 +758,8 @@ def _prefix_matches_torch() -> bool:
 
 def select_flat(x: torch.Tensor, k: int, method: str, gen_seed: int,
                 n_workers: int | None = None) -> torch.Tensor:
-    """Flat indices of ``k`` entries of the 1-D tensor ``x`` by ``method`` (sorted).
+    """Flat indices of ``k`` entries of the 1-D tensor ``x`` by ``method`` (sorted; int64, or
+    int32 from the one-pass band of a large tensor of fewer than 2^31 entries).
 
     Ties are broken by position (lower flat index first), so the result is deterministic.
     ``random`` is torch's seeded permutation's first ``k`` entries (only ``x.numel()`` is used).
@@ -781,18 +816,23 @@ def _sampled(x: torch.Tensor, lo: int, k: int, descending: bool) -> torch.Tensor
         return None if i < 0 or i >= ns else int(sample[i])
 
     lo_key, hi_key = bound(a, -1), bound(b, +1)
-    scanned = kernels.band_scan(vn, lo_key, hi_key)  # one pass: band, keys, count below, checks
+    # one pass: band, keys, count below, checks (into this thread's reused buffers)
+    scanned = kernels.band_scan(vn, lo_key, hi_key, scratch=True)
     if scanned is None:
         return None  # negatives or NaN the sample missed
     band, band_keys, below = scanned
     above = n - below - band.size
     if below > a or below + band.size < b:
         return None  # the sample misjudged the window: rank exhaustively
+    start = lo - (above if descending else below)  # the window's first rank within the band
+    if x.dtype == torch.bfloat16:  # 16-bit keys: one histogram of the band's range
+        return torch.from_numpy(kernels.band_window(
+            band, band_keys, 0 if lo_key is None else lo_key,
+            inf - 1 if hi_key is None else hi_key, start, start + k, descending))
     keys = torch.from_numpy(band_keys).view(x.dtype)
-    inner = select_window(lambda _: keys, ["c"], {"c": keys.numel()},
-                          lo - (above if descending else below), k, descending,
+    inner = select_window(lambda _: keys, ["c"], {"c": keys.numel()}, start, k, descending,
                           {"c": x.dtype}, n_workers=1)["c"]
-    return torch.from_numpy(band)[inner.long()].long()
+    return torch.from_numpy(band)[inner.long()]
 
 
 def _random_flat(n: int, k: int, seed: int) -> torch.Tensor:
