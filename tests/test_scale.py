@@ -230,6 +230,32 @@ def test_band_scan_equals_numpy(dtype):
                                             or torch.int32).numpy(), q[0], None) is None, bad
 
 
+def test_band_window_equals_a_stable_sort():
+    """Ranks [a, b) of a band of bf16 patterns, descending or ascending, ties by position:
+    positions[stable order][a:b], sorted -- on bands of few distinct keys (many ties at both
+    ends), windows inside one key, empty and whole windows, bounds wider than the keys."""
+    import numpy as np
+
+    from lmeval_regions import kernels
+
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        n = int(rng.integers(1, 400))
+        lo = int(rng.integers(0, 0x7000))
+        keys = rng.integers(lo, lo + int(rng.integers(1, 20)), size=n).astype(np.int16)
+        pos = np.sort(rng.choice(100_000, size=n, replace=False)).astype(np.int32)
+        a = int(rng.integers(0, n + 1))
+        b = int(rng.integers(a, n + 1))
+        hi = int(keys.max()) + int(rng.integers(0, 3))
+        for desc in (False, True):
+            order = np.argsort(-keys.astype(np.int64) if desc else keys, kind="stable")
+            got = kernels.band_window(pos, keys, lo, hi, a, b, desc)
+            assert got.dtype == np.int32
+            assert np.array_equal(got, np.sort(pos[order][a:b])), (trial, desc, a, b)
+    with pytest.raises(ValueError, match="outside a band of 3"):
+        kernels.band_window(pos[:3], keys[:3], lo, hi, 2, 4, True)
+
+
 def test_random_global_beyond_a_billion_entries(monkeypatch):
     """Above numpy's hypergeometric limit (1e9 entries: a 7B model has 6.5e9) global random
     draws a uniform subset of the concatenation: exact size, distinct, in range, seeded."""
