@@ -18,7 +18,6 @@ import threading
 import numpy as np
 
 _JIT: dict = {}
-_BLOCK = 64  # entries per block: one bit each in a 64-bit mask
 
 
 def _compiled():

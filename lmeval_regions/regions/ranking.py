@@ -455,9 +455,9 @@ def uniform_parts(sizes: list[int], k: int, rng: np.random.Generator) -> list[np
     The first ``k`` distinct values of a sequence of independent uniform draws over the
     concatenation, made part by part: how many of a round's draws land in each part is
     multinomial (shares ``size / total`` in float64), where in the part uniform; the repeats
-    of a round (about k^2 / 2 total) are drawn again. Memory: the selected positions, no
-    array over all of them at once (at 7B scale 65 M positions: fresh memory costs up to
-    seconds of page faults on a VM).
+    of a round (about k^2 / (2 total) at first) are drawn again. Memory: the selected
+    positions, no array over all of them at once (at 7B scale 65 M positions: fresh memory
+    costs up to seconds of page faults on a VM).
     """
     total = sum(sizes)
     if not 0 <= k <= total:
