@@ -176,6 +176,7 @@ def band_scan(bits: np.ndarray, lo: int | None, hi: int | None, scratch: bool = 
     u = bits.view(utype)
     args = (utype(band_lo), utype(band_hi), utype(lo_), utype(sign - inf), count)
     band = _compiled()["band"]
+
     def room(size: int) -> tuple[np.ndarray, np.ndarray]:
         if scratch:
             return _scratch("pos", size, pos_type), _scratch("keys", size, utype)

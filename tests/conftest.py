@@ -45,6 +45,8 @@ def pytest_collection_modifyitems(config, items):
         if rank(item) == 0:
             item.add_marker(pytest.mark.xdist_group("gemma"))
     items.sort(key=rank)  # stable: each tier keeps its order
+
+
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 

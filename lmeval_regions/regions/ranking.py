@@ -266,57 +266,45 @@ class _Window:
                                                                            beyond_last)
         self.bounds = (self.lo_key if need_lo else None, self.hi_key if need_hi else None)
 
-    def take_all(self, parts: list[tuple[np.ndarray, np.ndarray]], n_workers: int
+    def take_all(self, parts: list[tuple[np.ndarray, np.ndarray]], n_workers: int = 1
                  ) -> list[np.ndarray]:
-        """:meth:`take` of every part (in position order: parts in order, each consumed
-        whole), the parts handled by ``n_workers`` threads: the entries tied at each end key
-        are counted per part first, which fixes how many of each part's ties are in."""
+        """The candidates of every part ``(positions, keys)`` that are in the window; parts in
+        position order (each consumed whole, later calls continue the count of ties), handled
+        by ``n_workers`` threads: the entries tied at each end key are found per part first,
+        which fixes how many of each part's ties are in."""
         ends = list(self.ties)
 
-        def count(part):
-            return [int(np.count_nonzero(part[1] == kv)) for kv in ends]
+        def tied(part):  # positions (in the part) of its entries at each end key
+            return [np.flatnonzero(part[1] == kv) for kv in ends]
 
-        taken = []  # per part, per end key: the slice of its tied entries that is in
-        for counts in _pmap(count, parts, n_workers):
+        rows = []  # per part, per end key: its tied entries and the slice of them that is in
+        for ats in _pmap(tied, parts, n_workers):
             row = []
-            for kv, c in zip(ends, counts):
+            for kv, at in zip(ends, ats):
                 (first, last), seen = self.ties[kv], self.seen[kv]
-                row.append((max(0, first - seen), max(0, min(c, last - seen))))
-                self.seen[kv] = seen + c
-            taken.append(row)
+                row.append((at, max(0, first - seen), max(0, min(at.size, last - seen))))
+                self.seen[kv] = seen + at.size
+            rows.append(row)
 
         def select(job):
             (idx, keys), row = job
-            keep = (keys >= self.lo_key) & (keys <= self.hi_key)
-            for kv, (a, b) in zip(ends, row):
-                at = keys == kv
-                keep &= ~at
-                keep[np.flatnonzero(at)[a:b]] = True
-            return idx if keep.all() else idx[keep]
+            keep = None
+            if idx.size and (keys.min() < self.lo_key or keys.max() > self.hi_key):
+                keep = (keys >= self.lo_key) & (keys <= self.hi_key)
+            for at, a, b in row:
+                if a == 0 and b == at.size:
+                    continue  # every tied entry of the part is in (and in the key range)
+                if keep is None:
+                    keep = np.ones(idx.size, dtype=bool)
+                keep[at[:a]] = False
+                keep[at[b:]] = False
+            return idx if keep is None else idx[keep]
 
-        return list(_pmap(select, zip(parts, taken), n_workers))
+        return list(_pmap(select, zip(parts, rows), n_workers))
 
     def take(self, idx: np.ndarray, keys: np.ndarray) -> np.ndarray:
         """The candidates (in position order, consumed in order) that are in the window."""
-        if idx.size and (keys.min() < self.lo_key or keys.max() > self.hi_key):
-            inside = (keys >= self.lo_key) & (keys <= self.hi_key)
-            idx, keys = idx[inside], keys[inside]
-        if not self.ties or idx.size == 0:
-            return idx
-        keep = None
-        for kv, (first, last) in self.ties.items():
-            at = np.flatnonzero(keys == kv)  # the tied entries, in position order
-            if at.size == 0:
-                continue
-            seen = self.seen[kv]
-            self.seen[kv] = seen + at.size
-            rank = seen + np.arange(at.size)  # rank among all entries tied at kv
-            out = at[(rank < first) | (rank >= last)]
-            if out.size:
-                if keep is None:
-                    keep = np.ones(idx.size, dtype=bool)
-                keep[out] = False
-        return idx if keep is None else idx[keep]
+        return self.take_all([(idx, keys)])[0]
 
 
 # ---------------------------------------------------------------------------------- windows

@@ -344,7 +344,11 @@ def _commands(model: ModelConfig, corpus: CorpusConfig, config: ImportanceConfig
     q = shlex.quote
     imp = out / "importance"
     lim = f" --limit {demo.eval_limit}" if demo.eval_limit else ""
-    bs = f" --batch_size {demo.eval_batch_size}" if demo.eval_batch_size != 1 else ""
+
+    def batch(n: int) -> str:  # lm_eval's flag (1 is its default)
+        return f" --batch_size {n}" if n != 1 else ""
+
+    bs = batch(demo.eval_batch_size)
     flags = (f"--units {corpus.units} --skip {corpus.skip} --max-length {corpus.max_length} "
              f"--batch-size {corpus.batch_size} --criteria {','.join(config.criteria)} "
              f"--dtype {model.dtype}")
@@ -367,10 +371,10 @@ def _commands(model: ModelConfig, corpus: CorpusConfig, config: ImportanceConfig
             reg = out / "table1" / "regions" / f"{m}_{r:g}_matrix_split_s{demo.seed}.safetensors"
             lines.append(f"lmeval-regions extract --importance {q(str(imp / 'core.safetensors'))} "
                          f"--method {m} --ratio {r:g} --seed {demo.seed} --out {q(str(reg))}")
-            b = _method_batch(demo).get(m, demo.eval_batch_size)
+            b = batch(_method_batch(demo).get(m, demo.eval_batch_size))
             lines.append(f"lm_eval --model hf-regions --model_args {base_args},"
                          f"region={q(str(reg))} --include_path \"$TASKS\" --tasks "
-                         f"{table1_tasks}{lim}" + (f" --batch_size {b}" if b != 1 else ""))
+                         f"{table1_tasks}{lim}{b}")
     lines.append(f"lm_eval --model hf-regions --model_args {base_args} "
                  f"--include_path \"$TASKS\" --tasks {table1_tasks}{lim}{bs}   # Base")
     lines.append("# the whole grid in one command:")
