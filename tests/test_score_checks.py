@@ -7,6 +7,7 @@ each is an error naming the parameter and the count, on every path that reads sc
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from lmeval_regions.importance import (
     lazy_scores,
 )
 from lmeval_regions.regions import select, select_file
+from lmeval_regions.regions.ranking import SORT_LIMIT, select_window
 
 BAD = "model.layers.1.mlp.down_proj.weight"
 
@@ -130,13 +132,58 @@ def test_cli_refuses_bad_scores_and_writes_nothing(good, tmp_path, capsys, cmd):
 
 
 def test_each_tensor_is_checked_once_even_when_read_again(good):
-    """A global selection reads each tensor two or three times; the check runs once."""
+    """The exhaustive ranking reads each tensor two or three times; the check runs once."""
     scores = lazy_scores(good)
-    calls = []
+    names = list(scores)
+    calls, marked = [], []
     check = scores.validate
     scores.validate = lambda n, t: (calls.append(n), check(n, t))
-    select(scores, "top", 0.01, scope="global")
-    assert sorted(calls) == sorted(scores) and len(calls) == len(set(calls))
+    scores.progress = marked.append
+    select_window(scores.__getitem__, names, {n: math.prod(scores.shapes[n]) for n in names},
+                  0, 10, False)
+    assert sorted(calls) == sorted(names) and sorted(marked) == sorted(names)
+    select(scores, "bottom", 0.01, scope="global")  # read again: nothing is checked twice
+    assert len(calls) == len(names) and len(marked) == len(names)
+
+
+def _big(good: Path, out: Path, dtype, value: float | None = None, at: int = 0) -> Path:
+    """``good`` plus a 64k-entry matrix (ranked by the one-pass band: above the sort limit),
+    ``value`` written at 3 entries from flat position ``at``."""
+    imp = Importance.load(good)
+    big = torch.rand(256, 256, generator=torch.Generator().manual_seed(0)).to(dtype)
+    assert big.numel() > SORT_LIMIT
+    if value is not None:
+        big.view(-1)[at:at + 3 * 1000:1000] = value
+    imp.scores = {**{n: t.to(dtype) for n, t in imp.scores.items()}, "big": big}
+    imp.save(out)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("scope", ["matrix", "global"])
+def test_the_band_pass_stands_in_for_the_check_and_refuses_the_same(good, tmp_path, dtype,
+                                                                    scope):
+    """Ranked by the one-pass band, a tensor's values are checked in that pass, not in a
+    second one: good scores never reach ``validate`` yet are marked checked; every bad value
+    (in any 64-entry block, or the tail) still gets check_scores' own error."""
+    path = _big(good, tmp_path / "big.safetensors", dtype)
+    scores = lazy_scores(path)
+    calls, marked = [], []
+    check = scores.validate
+    scores.validate = lambda n, t: (calls.append(n), check(n, t))
+    scores.progress = marked.append
+    want = select(Importance.load(path).scores, "top", 0.01, scope=scope)
+    got = select(scores, "top", 0.01, scope=scope)
+    assert all(torch.equal(got.indices[n], want.indices[n]) for n in want.indices)
+    assert "big" in marked and "big" not in calls and sorted(marked) == sorted(scores)
+    for value, message in [(float("nan"), r"3 non-finite entries of 65536 \(3 NaN"),
+                           (float("-inf"), r"3 non-finite entries of 65536 \(0 NaN, 0 \+inf, 3"),
+                           (-0.5, r"3 negative entries of 65536")]:
+        for at in (0, 65536 - 2001):  # from the first entry; to the last one
+            bad = _big(good, tmp_path / "bad.safetensors", dtype, value, at)
+            with pytest.raises(ArtefactError, match=message) as e:
+                select_file(bad, "top", 0.01, scope=scope)
+            assert "'big'" in str(e.value)
 
 
 # ---- sums in bounded memory ------------------------------------------------------------------

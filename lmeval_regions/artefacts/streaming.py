@@ -49,6 +49,8 @@ class LazyScores(Mapping[str, torch.Tensor]):
         meta: the artefact's JSON metadata (``model`` fingerprint, ``mode``, ...).
         validate: ``validate(name, tensor)`` called the first time each tensor is read (it
             raises on bad values, e.g. :func:`importance.check_scores`); None: no check.
+        progress: ``progress(name)`` called once per tensor, when its values have first been
+            checked (a progress bar); None: nothing.
 
     Iteration order is the file's key order, the same as :func:`artefacts.load_artefact`'s.
     """
@@ -58,6 +60,7 @@ class LazyScores(Mapping[str, torch.Tensor]):
         self.path = Path(path)
         self.meta = read_metadata(self.path, kind)
         self.validate = validate
+        self.progress: Callable[[str], None] | None = None
         self._validated: set[str] = set()  # global selection reads a tensor 2-3 times
         self._transient: threading.local | None = None
         try:
@@ -99,6 +102,12 @@ class LazyScores(Mapping[str, torch.Tensor]):
         return buf[:nbytes].view(dtype).view(shape)
 
     def __getitem__(self, name: str) -> torch.Tensor:
+        return self.read(name)
+
+    def read(self, name: str, check: bool = True) -> torch.Tensor:
+        """Tensor ``name``, its values checked by ``validate`` the first time it is read.
+        ``check=False``: returned unchecked, for a caller whose own pass over the values can
+        stand in for the check; it then calls :meth:`mark_checked` (see there)."""
         if name not in self.shapes:
             raise KeyError(name)
         # A plain read into memory this tensor owns: a memory-mapped tensor keeps file pages
@@ -112,10 +121,23 @@ class LazyScores(Mapping[str, torch.Tensor]):
                                 f"expected {buf.nbytes} for shape {self.shapes[name]}")
         if buf is not None:
             self._read_into(name, start, buf)
-        if self.validate is not None and name not in self._validated:
-            self.validate(name, out)
-            self._validated.add(name)
+        if check:
+            self.mark_checked(name, out)
         return out
+
+    def mark_checked(self, name: str, values: torch.Tensor | None = None) -> None:
+        """Record that tensor ``name`` passed its check (once per name; ``progress`` is told).
+        ``values``: run ``validate`` on them now (it raises on bad values). None: the
+        caller's own pass found every value finite and >= +0.0 -- which a validator of
+        importance scores (:func:`importance.check_scores`) accepts -- so no second pass over
+        the values is made (at 7B scale that pass is ~2 s of a 9-s extraction)."""
+        if name in self._validated:
+            return
+        if values is not None and self.validate is not None:
+            self.validate(name, values)
+        self._validated.add(name)
+        if self.progress is not None:
+            self.progress(name)
 
     def read_range(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Entries ``[start, stop)`` of tensor ``name`` in flat (C) order, read alone (a

@@ -593,9 +593,15 @@ def _global_band(scores, names, sizes, lo, k, descending, dtypes) -> dict | None
     if est / ns * total * (4 + key_bytes) > BAND_BYTES:
         return None
 
+    read, checked = checking_reader(scores)
+
     def band_of(n: str):
-        c = _raw(scores[n].detach().reshape(-1)).numpy()
-        return kernels.band_scan(c, lo_key, hi_key)  # one pass: band, keys, count below, checks
+        x = read(n).detach().reshape(-1)
+        # one pass: band, keys, count below, and the values' check (the reader's is skipped)
+        got = kernels.band_scan(_raw(x).numpy(), lo_key, hi_key)
+        if checked is not None:
+            checked(n, None if got is not None else x)
+        return got
 
     n_workers = min(workers(), len(names))
     band: dict[str, tuple] = {}
@@ -752,49 +758,75 @@ def select_flat(x: torch.Tensor, k: int, method: str, gen_seed: int,
     Ties are broken by position (lower flat index first), so the result is deterministic.
     ``random`` is torch's seeded permutation's first ``k`` entries (only ``x.numel()`` is used).
     """
+    return _select_flat(x, k, method, gen_seed, n_workers)[0]
+
+
+def _select_flat(x: torch.Tensor, k: int, method: str, gen_seed: int,
+                 n_workers: int | None = None) -> tuple[torch.Tensor, bool]:
+    """:func:`select_flat`, and whether its pass found every value of ``x`` finite and
+    >= +0.0 (the one-pass band of a large tensor checks that on the way)."""
     n = x.numel()
     if method == "random":
-        return _random_flat(n, k, gen_seed)
+        return _random_flat(n, k, gen_seed), False
     if method not in METHODS:
         raise RegionsError(f"selection method '{method}' is not one of {METHODS}")
     lo, descending = window(method, n, k)
     if n <= SORT_LIMIT:  # small (rows, small matrices): one stable sort is fastest
         order = torch.sort(x, descending=descending, stable=True).indices[lo:lo + k]
-        return torch.sort(order).values
+        return torch.sort(order).values, False
     # Large: radix select in chunks, the same ranks as a stable sort in bounded memory
     # (a 45M-entry matrix at 7B scale would need ~1 GB to sort); non-negative scores first
     # through a sample's bounds (one pass, no full histogram), exact within them.
-    got = _sampled(x, lo, k, descending)
+    got, proved = _sampled(x, lo, k, descending)
     if got is not None:
-        return got
+        return got, proved
     return select_window(lambda _: x, ["x"], {"x": n}, lo, k, descending, {"x": x.dtype},
-                         n_workers=n_workers, split=True)["x"]
+                         n_workers=n_workers, split=True)["x"], proved
+
+
+def checking_reader(scores: Mapping[str, torch.Tensor]
+                    ) -> tuple[Callable[[str], torch.Tensor],
+                               Callable[[str, torch.Tensor | None], None] | None]:
+    """``(read, checked)`` for a selection that passes over the scores it ranks anyway.
+
+    A lazy mapping that checks values as it reads them (``read(name, check=False)`` and
+    ``mark_checked``: :class:`~lmeval_regions.artefacts.LazyScores`) is read unchecked;
+    ``checked(name, None)`` then records a tensor the selection's own pass found finite and
+    >= +0.0, ``checked(name, values)`` checks one it did not. Any other mapping:
+    ``(its __getitem__, None)``, its values as it gives them.
+    """
+    read, mark = getattr(scores, "read", None), getattr(scores, "mark_checked", None)
+    if callable(read) and callable(mark):
+        return (lambda name: read(name, check=False)), mark
+    return scores.__getitem__, None
 
 
 SAMPLE = 1 << 16
 """Entries of a matrix sampled (evenly strided) to bound its rank window before one pass."""
 
 
-def _sampled(x: torch.Tensor, lo: int, k: int, descending: bool) -> torch.Tensor | None:
+def _sampled(x: torch.Tensor, lo: int, k: int, descending: bool
+             ) -> tuple[torch.Tensor | None, bool]:
     """Ranks ``[lo, lo + k)`` of a large 1-D tensor of non-negative, NaN-free bf16/fp32
     scores in one pass: a strided sample gives keys below and above the window (with a 4-sigma
     margin), the pass takes the entries between them (a band holding every tie of its end
     keys) and counts those below, and the window is selected exactly within the band, ties by
-    position. None (the caller ranks the tensor with histograms) for other dtypes, negatives
-    or NaN, or when the band does not hold the window."""
+    position. Returns ``(indices, proved)``: indices None (the caller ranks the tensor with
+    histograms) for other dtypes, negatives or NaN, or when the band does not hold the
+    window; ``proved``: the pass found every value finite and >= +0.0."""
     if x.dtype == torch.bfloat16:
         v, inf = x.view(torch.int16), _INF16
     elif x.dtype == torch.float32:
         v, inf = x.view(torch.int32), _INF32
     else:
-        return None
+        return None, False
     n = v.numel()
     # the window in ascending ranks, and its bounds read off the sorted sample with a margin
     a, b = (n - lo - k, n - lo) if descending else (lo, lo + k)
     vn = v.numpy()
     sample = np.sort(vn[::max(1, n // SAMPLE)])  # (torch sorts a strided view 30x slower)
     if sample[0] < 0 or sample[-1] > inf:
-        return None  # the raw patterns are the keys only for non-negative, NaN-free values
+        return None, False  # the patterns are the keys only for non-negative, NaN-free values
     ns = sample.size
 
     def bound(rank: int, side: int) -> int | None:
@@ -807,20 +839,20 @@ def _sampled(x: torch.Tensor, lo: int, k: int, descending: bool) -> torch.Tensor
     # one pass: band, keys, count below, checks (into this thread's reused buffers)
     scanned = kernels.band_scan(vn, lo_key, hi_key, scratch=True)
     if scanned is None:
-        return None  # negatives or NaN the sample missed
+        return None, False  # negatives or NaN the sample missed
     band, band_keys, below = scanned
     above = n - below - band.size
     if below > a or below + band.size < b:
-        return None  # the sample misjudged the window: rank exhaustively
+        return None, True  # the sample misjudged the window: rank exhaustively
     start = lo - (above if descending else below)  # the window's first rank within the band
     if x.dtype == torch.bfloat16:  # 16-bit keys: one histogram of the band's range
         return torch.from_numpy(kernels.band_window(
             band, band_keys, 0 if lo_key is None else lo_key,
-            inf - 1 if hi_key is None else hi_key, start, start + k, descending))
+            inf - 1 if hi_key is None else hi_key, start, start + k, descending)), True
     keys = torch.from_numpy(band_keys).view(x.dtype)
     inner = select_window(lambda _: keys, ["c"], {"c": keys.numel()}, start, k, descending,
                           {"c": x.dtype}, n_workers=1)["c"]
-    return torch.from_numpy(band)[inner.long()]
+    return torch.from_numpy(band)[inner.long()], True
 
 
 def _random_flat(n: int, k: int, seed: int) -> torch.Tensor:
@@ -834,11 +866,15 @@ def _random_flat(n: int, k: int, seed: int) -> torch.Tensor:
 
 def select_matrices(get: Callable[[str], torch.Tensor], names: list[str],
                     sizes: Mapping[str, int], ratio: float, method: str,
-                    seeds: Mapping[str, int]) -> dict[str, torch.Tensor]:
+                    seeds: Mapping[str, int],
+                    checked: Callable[[str, torch.Tensor | None], None] | None = None
+                    ) -> dict[str, torch.Tensor]:
     """Per-matrix selection of ``names`` (``n_select(size, ratio)`` entries each, by
     :func:`select_flat`), :func:`workers` matrices at once, each read by ``get`` once (not
     at all for ``random``). Returns ``name -> sorted indices`` (int32 where possible) in
-    ``names`` order."""
+    ``names`` order. ``checked`` (from :func:`checking_reader`; ``get`` then returns
+    unchecked scores): told of every matrix read, with None when the selection's pass found
+    its values finite and >= +0.0, else with the values, to check them."""
     n_workers = min(workers(), max(1, len(names)))
 
     def one(n: str) -> torch.Tensor:
@@ -846,7 +882,10 @@ def select_matrices(get: Callable[[str], torch.Tensor], names: list[str],
         if method == "random":
             idx = _random_flat(sizes[n], k, seeds[n])
         else:
-            idx = select_flat(get(n).detach().reshape(-1), k, method, seeds[n], n_workers=1)
+            x = get(n).detach().reshape(-1)
+            idx, proved = _select_flat(x, k, method, seeds[n], n_workers=1)
+            if checked is not None:
+                checked(n, None if proved else x)
         return idx.to(index_dtype(sizes[n]))
 
     with _one_thread_per_op(n_workers):

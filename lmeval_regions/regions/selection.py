@@ -27,6 +27,7 @@ from lmeval_regions.importance import SummedScores, criterion_of, lazy_scores
 from lmeval_regions.regions.ranking import (
     METHODS,
     check_ratio,
+    checking_reader,
     n_select,
     seed_for,
     select_flat,
@@ -166,12 +167,13 @@ def _select(scores, method, ratio, scope, seed, model, names, source, fused, lay
             lay = (layouts or {}).get(n)
             layout[n] = _parts(n, lay, shapes[n]) if lay else (0, {})
         # Whole matrices (not split into logical parts): ranked several at once, each read
-        # once (random reads none).
+        # once (random reads none), its values checked by the ranking's own pass where it can.
         whole = [n for n in names
                  if scope == "matrix" and not (layout[n][1] and fused == "split")]
-        done = select_matrices(lambda n: _ranked(scores[n].detach().reshape(-1)), whole,
+        read, checked = checking_reader(scores)
+        done = select_matrices(lambda n: _ranked(read(n).detach().reshape(-1)), whole,
                                {n: math.prod(shapes[n]) for n in whole}, ratio, method,
-                               {n: seed_for(seed, n) for n in whole}) if whole else {}
+                               {n: seed_for(seed, n) for n in whole}, checked) if whole else {}
         for n in names:
             if n in done:
                 indices[n] = done[n]
@@ -258,8 +260,8 @@ def select_file(path: str | os.PathLike, method: str, ratio: float, scope: str =
 
 @contextlib.contextmanager
 def _read_progress(scores, desc: str | None):
-    """A tqdm bar advanced the first time each parameter of the lazy ``scores`` is read
-    (through its reader's ``validate`` callback, which :class:`~lmeval_regions.artefacts.
+    """A tqdm bar advanced the first time each parameter of the lazy ``scores`` is read and
+    checked (its reader's ``progress`` callback, which :class:`~lmeval_regions.artefacts.
     LazyScores` calls once per tensor); restored and closed on exit."""
     if desc is None:
         yield
@@ -267,20 +269,14 @@ def _read_progress(scores, desc: str | None):
     from tqdm.auto import tqdm
 
     reader = scores.parts[0] if isinstance(scores, SummedScores) else scores
-    check = reader.validate
+    before = reader.progress
     quiet = os.environ.get("TQDM_DISABLE", "") not in ("", "0")  # --quiet, read at each call
     bar = tqdm(total=len(reader), desc=desc, unit="tensor", leave=False, disable=quiet)
-
-    def validate(name: str, tensor: torch.Tensor) -> None:
-        if check is not None:
-            check(name, tensor)
-        bar.update(1)
-
-    reader.validate = validate
+    reader.progress = lambda name: bar.update(1)
     try:
         yield
     finally:
-        reader.validate = check
+        reader.progress = before
         bar.close()
 
 
