@@ -7,6 +7,7 @@ inside a model, found by module structure (never by the model's name).
 * :mod:`.architecture` -- decoder blocks, MLP down projections, the parameters a region covers;
 * :mod:`.module_map` -- q/k/v/o, gate/up/down and norms per block, logical orientation
   (``Conv1D`` transposed, fused q/k/v and gate/up split); :func:`check_module_map` before load;
+* :mod:`.host_memory` -- CPU runs keep the memory they free (no page faults every batch);
 * :mod:`.sharding` -- FSDP2 (DTensor ``Shard(0)``) local-shard arithmetic;
 * :mod:`.parallel` -- data parallelism under a launcher (``accelerate launch``, ``torchrun``):
   the process group, round-robin batches, the sum over ranks.
@@ -31,6 +32,7 @@ from lmeval_regions.models.embedded import (
                                                 is_embedded,
                                                 resolve_pretrained,
 )
+from lmeval_regions.models.host_memory import keep_freed_memory
 from lmeval_regions.models.loading import ModelConfig, load_model, meta_model
 from lmeval_regions.models.module_map import (
                                                 FUSED_QKV,
@@ -58,6 +60,7 @@ __all__ = ["BatchDigest", "BlockLayout", "DEFAULT_MODEL", "DataParallel", "EMBED
            "EmbeddedModel", "FUSED_QKV", "MlpActivations", "ModelConfig", "ModuleMap", "Norm",
            "Projection", "ROLES", "all_reduce_", "barrier", "block_parameters",
            "check_module_map", "data_parallel", "find_layout", "find_mlp_activations",
-           "find_module_map", "init_std", "is_embedded", "launched", "launched_device",
-           "launcher", "linear_shape", "load_model", "matrix_kind", "matrix_layouts",
-           "meta_model", "named_param", "qkv_rows", "resolve_pretrained", "text_config"]
+           "find_module_map", "init_std", "is_embedded", "keep_freed_memory", "launched",
+           "launched_device", "launcher", "linear_shape", "load_model", "matrix_kind",
+           "matrix_layouts", "meta_model", "named_param", "qkv_rows", "resolve_pretrained",
+           "text_config"]

@@ -39,6 +39,12 @@ class ModelConfig:
     """Hub revision (branch, tag or commit) of a hub model; checkpoints of one training run."""
     trust_remote_code: bool = False
     """Run model code shipped in the model's repository (transformers' flag of that name)."""
+    keep_host_memory: bool = True
+    """Evaluation through lm-eval on the CPU (demo, table, eval; hf-regions' model_arg of that
+    name): keep memory the process frees for reuse (glibc malloc: no mmap for large blocks,
+    no trimming) instead of faulting every batch's logits in afresh -- the same numbers, ~1/3
+    less time on the 2-core VM, resident memory held near its peak (models/host_memory.py).
+    Commands that do not evaluate (importance, activations, ...) keep glibc's defaults."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model.strip():
@@ -86,6 +92,8 @@ class ModelConfig:
             args["device"] = self.resolved_device()
         if self.revision:
             args["revision"] = self.revision
+        if not self.keep_host_memory:
+            args["keep_host_memory"] = False  # hf-regions' key (its default: true)
         if self.dtype != "float32":
             # lm-eval's hf takes log-softmax and sums each document's log-likelihood in the
             # model's dtype by default: in bf16 a 256-token document's sum is held to ~3
