@@ -194,6 +194,22 @@ def test_random_global_large_is_uniform_and_exact_size(monkeypatch):
     assert all(torch.equal(i, torch.unique(i)) for i in r.indices.values())
 
 
+def test_small_pages_turns_numpy_huge_pages_off_and_puts_them_back():
+    import numpy as np
+
+    from lmeval_regions import kernels
+
+    switch = np._core.multiarray._set_madvise_hugepage  # returns the previous setting
+    before = switch(True)
+    try:
+        with pytest.raises(RuntimeError, match="inside"), kernels.small_pages():
+            assert switch(False) is False  # off inside
+            raise RuntimeError("inside")
+        assert switch(True) is True  # back on, even after an exception
+    finally:
+        switch(before)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_band_scan_equals_numpy(dtype):
     """The compiled scan = numpy's expressions: positions in [lo, hi], their patterns and the
@@ -320,6 +336,43 @@ def test_write_safetensors_streams_pieces(tmp_path):
     with pytest.raises(ValueError, match="bytes"):
         write_safetensors(tmp_path / "g.safetensors", {"y": (torch.float32, [6])}, lambda n: y)
     assert not (tmp_path / "g.safetensors").exists()
+
+
+@pytest.mark.parametrize("size", [1, 4095, 4096, 20_000, 40_960])
+def test_large_files_written_with_direct_io_are_byte_identical(tmp_path, monkeypatch, size):
+    # Above DIRECT_MIN_BYTES the file goes through O_DIRECT from one staged buffer (8 KB
+    # here: several flushes, a padded last block cut back); the bytes equal a buffered write.
+    from lmeval_regions.artefacts import streaming
+
+    lay = {"a": (torch.int32, [size]), "b": (torch.bfloat16, [3, 5])}
+    a = torch.arange(size, dtype=torch.int32) * 7
+    b = torch.randn(3, 5).bfloat16()
+    make = {"a": (a[i:i + 999] for i in range(0, size, 999)), "b": b}.__getitem__
+    plain = write_safetensors(tmp_path / "plain.safetensors", lay,
+                              lambda n: (a[i:i + 999] for i in range(0, size, 999))
+                              if n == "a" else b, {"m": 1}, kind="importance")
+    finished = []
+    real = streaming._DirectWriter.finish
+    monkeypatch.setattr(streaming._DirectWriter, "finish",
+                        lambda self: finished.append(self.length + self.used) or real(self))
+    monkeypatch.setattr(streaming, "DIRECT_MIN_BYTES", 0)
+    monkeypatch.setattr(streaming, "_STAGE", 8192)
+    (tmp_path / "probe").touch()
+    probe = streaming._DirectWriter.open(tmp_path / "probe")
+    if probe is None:
+        pytest.skip("this file system refuses O_DIRECT (the buffered path is taken)")
+    probe.close()
+    direct = write_safetensors(tmp_path / "direct.safetensors", lay, make, {"m": 1},
+                               kind="importance")
+    assert finished == [plain.stat().st_size]
+    assert direct.read_bytes() == plain.read_bytes()
+    # a producer that fails leaves nothing behind, as the buffered path does
+    with pytest.raises(ValueError, match="bytes"):
+        write_safetensors(tmp_path / "g.safetensors", {"a": (torch.int32, [size + 1])},
+                          lambda n: a)
+    assert not (tmp_path / "g.safetensors").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["direct.safetensors",
+                                                          "plain.safetensors", "probe"]
 
 
 # ---- 16-bit accumulation -----------------------------------------------------------------
@@ -472,10 +525,21 @@ def test_bf16_accumulator_scores_stay_bf16_and_select_as_widened():
         assert all(torch.equal(a.indices[n], b.indices[n]) for n in b.indices)
 
 
-def test_lazy_scores_membership_and_transient_reads(tmp_path):
-    # `name in scores` reads nothing; inside transient_reads a thread's reads share a buffer
-    # (each tensor valid until that thread's next read), and selection gives the same region.
+@pytest.mark.parametrize("mapping", ["mapped", "no mmap"])
+def test_lazy_scores_membership_and_transient_reads(tmp_path, monkeypatch, mapping):
+    # `name in scores` reads nothing; inside transient_reads each tensor is a private mapping
+    # of the file (no copy; writing to it leaves the file alone) or, where mapping fails, a
+    # thread's reads share a buffer (each tensor valid until that thread's next read); the
+    # selection gives the same region either way, and a truncated file is an error, not a
+    # crash (a mapping past the end of a file raises SIGBUS when touched).
+    from lmeval_regions.artefacts import streaming
+
+    if mapping == "no mmap":
+        def refuse(*a, **k):
+            raise OSError("mmap refused")
+        monkeypatch.setattr(streaming.mmap, "mmap", refuse)
     imp, path = _tiny_importance(tmp_path, torch.bfloat16)
+    before = path.read_bytes()
     lazy = LazyScores(path)
     reads = []
     real = lazy._memory
@@ -484,15 +548,30 @@ def test_lazy_scores_membership_and_transient_reads(tmp_path):
     assert all(n in lazy for n in names) and "nope" not in lazy and reads == []
     with lazy.transient_reads():
         a, b = lazy[names[0]], lazy[names[1]]
-        assert a.data_ptr() == b.data_ptr()  # the same buffer
+        assert torch.equal(a, imp.scores[names[0]]) or mapping == "no mmap"  # (b reuses a's)
         assert torch.equal(b, imp.scores[names[1]])
+        if mapping == "mapped":
+            assert reads == [] and a.data_ptr() != b.data_ptr()  # mappings, not the buffer
+            b.fill_(7.0)  # copy-on-write: the file is not changed
+            assert torch.equal(lazy[names[1]], imp.scores[names[1]])
+        else:
+            assert reads == names[:2] and a.data_ptr() == b.data_ptr()  # the same buffer
+    assert path.read_bytes() == before
     c, d = lazy[names[0]], lazy[names[1]]
     assert c.data_ptr() != d.data_ptr() and torch.equal(c, imp.scores[names[0]])
     loaded = Importance.load(path).scores  # file order: ties across parameters break by it
     for scope in ("matrix", "global", "row"):
-        r = regions.select(lazy, "top", 0.05, scope=scope)
+        with lazy.transient_reads():
+            r = regions.select(lazy, "top", 0.05, scope=scope)
         m = regions.select(loaded, "top", 0.05, scope=scope)
         assert all(torch.equal(r.indices[n], m.indices[n]) for n in m.indices), scope
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(before)
+    short = LazyScores(cut)  # (a file truncated before it is opened is refused by the header)
+    cut.write_bytes(before[:len(before) // 2])
+    with pytest.raises(ArtefactError, match="truncated inside"), short.transient_reads():
+        for n in names:
+            short[n]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
