@@ -22,6 +22,7 @@ from typing import Any, Iterable, Literal, Mapping, Sequence
 
 import torch
 
+from lmeval_regions import kernels
 from lmeval_regions.errors import ArtefactError, RegionsError, did_you_mean
 from lmeval_regions.importance import SummedScores, criterion_of, lazy_scores
 from lmeval_regions.regions.ranking import (
@@ -150,7 +151,7 @@ def select(
     # Every tensor read below is done with before the same thread reads another: a lazy
     # mapping may serve the reads from one buffer per thread.
     transient = getattr(scores, "transient_reads", None)
-    with transient() if callable(transient) else nullcontext():
+    with transient() if callable(transient) else nullcontext(), kernels.small_pages():
         return _select(scores, method, ratio, scope, seed, model, names, source, fused, layouts)
 
 
