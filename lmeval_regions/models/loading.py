@@ -1,8 +1,9 @@
 """Loading a model and its tokenizer from one :class:`ModelConfig`.
 
 Every command that loads a model takes the same flags, generated from :class:`ModelConfig`
-(``--model --device --dtype --device-map --revision --trust-remote-code``); lm-eval runs get
-the same settings as ``hf`` model_args through :meth:`ModelConfig.hf_model_args`.
+(``--model --device --dtype --device-map --revision --trust-remote-code
+--keep-host-memory``); lm-eval runs get the same settings as ``hf`` model_args through
+:meth:`ModelConfig.hf_model_args`.
 """
 
 from __future__ import annotations
