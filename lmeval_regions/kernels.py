@@ -157,7 +157,28 @@ def _compiled():
             seen_last += at_last
         return o
 
-    _JIT.update(band=band, window=window)
+    @numba.njit(nogil=True, cache=True)
+    def keep_window(pos, keys, lo, hi, k1, a1, b1, k2, a2, b2):
+        # Compacts pos in place to the entries with lo <= key <= hi, where of the entries at
+        # key k1 (k2) only the a1-th to (b1-1)-th in position order are kept; returns how
+        # many. Branch-free, as window's pass (o <= i: each entry is read before written).
+        o = 0
+        r1 = 0
+        r2 = 0
+        for i in range(keys.size):
+            key = np.int64(keys[i])
+            at1 = np.int64(key == k1)
+            at2 = np.int64(key == k2)
+            keep = np.int64(key >= lo) & np.int64(key <= hi) \
+                & ((1 - at1) | (np.int64(r1 >= a1) & np.int64(r1 < b1))) \
+                & ((1 - at2) | (np.int64(r2 >= a2) & np.int64(r2 < b2)))
+            pos[o] = pos[i]
+            o += keep
+            r1 += at1
+            r2 += at2
+        return o
+
+    _JIT.update(band=band, window=window, keep_window=keep_window)
     return _JIT
 
 
@@ -226,6 +247,23 @@ def band_scan(bits: np.ndarray, lo: int | None, hi: int | None, scratch: bool = 
     if not count:
         below = 0 if lo_ == 0 else bits.size - m
     return out[:m], keys[:m].view(bits.dtype), int(below)
+
+
+def keep_window(positions: np.ndarray, keys: np.ndarray, lo: int, hi: int,
+                ties: list[tuple[int, int, int]]) -> np.ndarray:
+    """The entries of ``(positions, keys)`` (in position order) with ``lo <= key <= hi``,
+    where of the entries at each tied key ``k`` of ``ties`` (at most two ``(k, a, b)``) only
+    the ``a``-th to ``(b - 1)``-th in position order are kept: their positions, in order.
+
+    ``positions`` is overwritten (compacted in place, no new memory): the result is a view
+    of it. One pass, no branch per entry."""
+    if len(ties) > 2:
+        raise ValueError(f"at most two tied keys, got {len(ties)}")
+    spec = [(int(k), int(a), int(min(b, 2**62))) for k, a, b in ties]
+    spec += [(hi + 1, 0, 0)] * (2 - len(spec))  # a key no entry in range has
+    (k1, a1, b1), (k2, a2, b2) = spec
+    m = _compiled()["keep_window"](positions, keys, int(lo), int(hi), k1, a1, b1, k2, a2, b2)
+    return positions[:m]
 
 
 def band_window(positions: np.ndarray, keys: np.ndarray, lo: int, hi: int, start: int,

@@ -272,6 +272,43 @@ def test_band_window_equals_a_stable_sort():
         kernels.band_window(pos[:3], keys[:3], lo, hi, 2, 4, True)
 
 
+def test_keep_window_equals_numpy():
+    """The compiled in-place filter = numpy's masks: keys in [lo, hi], and of the entries at
+    each tied key only the a-th to (b-1)-th in position order; none, one or two tied keys,
+    slices empty, partial, whole and unbounded."""
+    import math
+
+    import numpy as np
+
+    from lmeval_regions import kernels
+
+    rng = np.random.default_rng(1)
+    for trial in range(300):
+        n = int(rng.integers(0, 300))
+        keys = rng.integers(-3, 12, size=n).astype(np.int16 if trial % 2 else np.int32)
+        pos = np.sort(rng.choice(10_000, size=n, replace=False)).astype(np.int32)
+        lo, hi = sorted(int(v) for v in rng.integers(-3, 12, size=2))
+        tied = rng.choice(np.arange(lo, hi + 1), size=min(int(rng.integers(0, 3)),
+                                                           hi - lo + 1), replace=False)
+        ties = []
+        for k in tied:
+            a = int(rng.integers(0, 6))
+            b = math.inf if rng.random() < 0.2 else a + int(rng.integers(0, 6))
+            ties.append((int(k), a, b))
+        keep = (keys >= lo) & (keys <= hi)
+        for k, a, b in ties:
+            at = np.flatnonzero(keys == k)
+            keep[at[:a]] = False
+            if b != math.inf:
+                keep[at[int(b):]] = False
+        want = pos[keep].copy()
+        got = kernels.keep_window(pos, keys, lo, hi, ties)
+        assert np.array_equal(got, want), (trial, lo, hi, ties)
+        assert got.base is pos or got.size == 0 or np.shares_memory(got, pos)  # in place
+    with pytest.raises(ValueError, match="at most two tied keys"):
+        kernels.keep_window(pos, keys, 0, 5, [(1, 0, 1)] * 3)
+
+
 def test_random_global_beyond_a_billion_entries(monkeypatch):
     """Above numpy's hypergeometric limit (1e9 entries: a 7B model has 6.5e9) global random
     draws a uniform subset of the concatenation: exact size, distinct, in range, seeded."""

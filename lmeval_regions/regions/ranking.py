@@ -270,40 +270,33 @@ class _Window:
                  ) -> list[np.ndarray]:
         """The candidates of every part ``(positions, keys)`` that are in the window; parts in
         position order (each consumed whole, later calls continue the count of ties), handled
-        by ``n_workers`` threads: the entries tied at each end key are found per part first,
-        which fixes how many of each part's ties are in."""
+        by ``n_workers`` threads: the entries tied at each end key are counted per part first,
+        which fixes which of each part's ties are in; then one compiled pass per part
+        (:func:`kernels.keep_window`) compacts its positions in place -- the results are
+        views of the parts' position arrays."""
         ends = list(self.ties)
 
-        def tied(part):  # positions (in the part) of its entries at each end key
-            return [np.flatnonzero(part[1] == kv) for kv in ends]
+        def tied(part):  # how many entries of the part are at each end key
+            return [int(np.count_nonzero(part[1] == kv)) for kv in ends]
 
-        rows = []  # per part, per end key: its tied entries and the slice of them that is in
-        for ats in _pmap(tied, parts, n_workers):
-            row = []
-            for kv, at in zip(ends, ats):
+        specs = []  # per part: (end key, the slice of its tied entries that is in)
+        for counts in _pmap(tied, parts, n_workers):
+            spec = []
+            for kv, count in zip(ends, counts):
                 (first, last), seen = self.ties[kv], self.seen[kv]
-                row.append((at, max(0, first - seen), max(0, min(at.size, last - seen))))
-                self.seen[kv] = seen + at.size
-            rows.append(row)
+                spec.append((kv, max(0, first - seen), max(0, min(count, last - seen))))
+                self.seen[kv] = seen + count
+            specs.append(spec)
 
         def select(job):
-            (idx, keys), row = job
-            keep = None
-            if idx.size and (keys.min() < self.lo_key or keys.max() > self.hi_key):
-                keep = (keys >= self.lo_key) & (keys <= self.hi_key)
-            for at, a, b in row:
-                if a == 0 and b == at.size:
-                    continue  # every tied entry of the part is in (and in the key range)
-                if keep is None:
-                    keep = np.ones(idx.size, dtype=bool)
-                keep[at[:a]] = False
-                keep[at[b:]] = False
-            return idx if keep is None else idx[keep]
+            (idx, keys), spec = job
+            return kernels.keep_window(idx, keys, self.lo_key, self.hi_key, spec)
 
-        return list(_pmap(select, zip(parts, rows), n_workers))
+        return list(_pmap(select, zip(parts, specs), n_workers))
 
     def take(self, idx: np.ndarray, keys: np.ndarray) -> np.ndarray:
-        """The candidates (in position order, consumed in order) that are in the window."""
+        """The candidates (in position order, consumed in order) that are in the window (a
+        view of ``idx``, compacted in place)."""
         return self.take_all([(idx, keys)])[0]
 
 
