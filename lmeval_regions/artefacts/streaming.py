@@ -145,9 +145,10 @@ class LazyScores(Mapping[str, torch.Tensor]):
         stand in for the check; it then calls :meth:`mark_checked` (see there)."""
         if name not in self.shapes:
             raise KeyError(name)
-        # A plain read into memory this tensor owns: a memory-mapped tensor keeps file pages
-        # resident (and counted in RSS) for as long as the mapping lives; at 7B scale these
-        # added ~0.8 GB to a global selection's peak.
+        # Outside transient_reads, a plain read into memory this tensor owns: a mapping would
+        # keep its file pages resident (and counted in RSS) for as long as the caller holds
+        # the tensor (at 7B scale ~0.8 GB more at a global selection's peak). Inside, each
+        # thread holds one tensor at a time: a mapping, unmapped when the tensor is dropped.
         start, stop = self._offsets[name]
         nbytes = math.prod(self.shapes[name]) * torch.empty(0, dtype=self.dtypes[name]
                                                             ).element_size()
