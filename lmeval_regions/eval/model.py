@@ -166,8 +166,10 @@ class HFRegionsLM(HFLM):
         _check_before_loading(pretrained, edits, _as_text("neurons", neurons)
                               if neurons is not None else None, kwargs)
         super().__init__(pretrained=pretrained, **kwargs)
-        if keep and str(self.device).startswith("cpu"):
-            keep_freed_memory()  # before the first batch's logits
+        if keep and str(self.device).startswith("cpu") and keep_freed_memory():
+            # (before the first batch's logits)
+            log.info("hf-regions: freed memory is kept for reuse on the CPU "
+                     "(keep_host_memory=false gives it back to the system)")
         self._region_log: list[dict[str, Any]] = []
         self._neuron_log: dict[str, Any] | None = None
         self._neuron_hooks = None
