@@ -15,6 +15,7 @@ import torch
 
 from lmeval_regions.cli import main
 from lmeval_regions.corpora import batches, load_parallel
+from lmeval_regions.errors import RegionsError
 from lmeval_regions.importance import Importance, combine, compute_importance
 from lmeval_regions.models import load_model
 from lmeval_regions.regions import monolingual, select_from_importance
@@ -168,21 +169,37 @@ def test_batched_demo_agrees_to_1e5(demo_run, tiny_lm_dir, shared_data, tmp_path
     # products (and the same regions: the importance pass is unchanged).
     out, report = demo_run
     batched = tmp_path / "demo_b4"
-    assert main(_demo(tiny_lm_dir, shared_data, batched, 4)) == 0
+    assert main(_demo(tiny_lm_dir, shared_data, batched, 4) + ["--table1-batch-size", "1"]) == 0
     other = json.loads((batched / "report.json").read_text())
     assert other["config"]["demo"]["eval_batch_size"] == 4
     assert other["table1"]["meta"]["options"]["eval_batch_size"] == "4"
-    # Table 1's Top columns run at batch 1 whatever --eval-batch-size (--top-batch-size):
-    # the same computation as the batch-1 run, so the same bits
-    assert other["table1"]["meta"]["options"]["method_batch_size"] == {"top": 1}
-    tops = [c for c in report["table1"]["columns"] if c.startswith("Top")]
-    assert tops
+    # Table 1's columns (and Base, shared with the monolingual table) at batch 1 whatever
+    # --eval-batch-size: the computation of the batch-1 run, so the same bits -- cells and
+    # every number derived from them
+    assert other["table1"]["meta"]["options"]["method_batch_size"] == {
+        "top": 1, "bottom": 1, "random": 1, "base": 1}
     for table in ("table1", "monolingual"):
         a, b = report[table]["cells"], other[table]["cells"]
         assert a.keys() == b.keys()
         for row in a:
             for col, v in a[row].items():
-                if table == "table1" and col in tops:
-                    assert b[row][col] == v, (row, col)
+                if table == "table1" or col == "Base":
+                    assert b[row][col] == v, (table, row, col)
                 assert math.isclose(b[row][col], v, rel_tol=1e-5), (table, row, col)
-    assert "--method-batch-size top=1" in (batched / "commands.sh").read_text()
+    assert other["pattern"]["table1"] == report["pattern"]["table1"]
+    commands = (batched / "commands.sh").read_text()
+    assert "--method-batch-size top=1,bottom=1,random=1,base=1" in commands
+
+
+
+def test_table1_batch_size_defaults():
+    """Table 1 at lm-eval batch 1 by default (the plain runs' values); --quick, which promises
+    the verdicts, at --eval-batch-size unless the flag is given; bad values refused by name."""
+    from lmeval_regions.studies.demo import DemoConfig
+
+    assert DemoConfig(eval_batch_size=4).table1_batch_size == 1
+    assert DemoConfig(eval_batch_size=4, quick=True).table1_batch_size == 4
+    assert DemoConfig(eval_batch_size=4, quick=True, table1_batch_size=1).table1_batch_size == 1
+    for bad in (0, True, "2"):
+        with pytest.raises(RegionsError, match=f"--table1-batch-size {bad!r} must be"):
+            DemoConfig(table1_batch_size=bad)

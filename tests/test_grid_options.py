@@ -147,3 +147,13 @@ def test_method_batch_size_applies_to_its_columns_only(tiny_lm_dir, monkeypatch)
     assert session.lm.batch_size_per_gpu == 4
     assert json.loads(session.key(top, ["t"]))["args"]["batch_size"] == "1"
     assert json.loads(session.key(bottom, ["t"]))["args"]["batch_size"] == "4"
+    # base=N: the column without a region (not a given region file, which has no method)
+    session.options = LmEvalConfig(eval_batch_size="4", method_batch_size="base=1,top=2")
+    seen.clear()
+    monkeypatch.setattr(lm_eval, "simple_evaluate",
+                        lambda model, batch_size, **kw: seen.append(
+                            (model.batch_size_per_gpu, batch_size)) or {})
+    monkeypatch.setattr(session.lm, "apply_edits", lambda *a, **k: [])
+    for c in (Condition("Base"), top, bottom, Condition("mine", region="r.safetensors")):
+        session.evaluate(c, ["text_ppl"])
+    assert seen == [(1, 1), (2, 2), (4, 4), (4, 4)]

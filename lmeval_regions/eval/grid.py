@@ -61,10 +61,12 @@ class LmEvalConfig:
     """lm-eval's batch size (lm_eval --batch_size): an integer or auto."""
     method_batch_size: dict[str, Any] = field(default_factory=dict)
     """lm-eval's batch size of the columns made by these selection methods, METHOD=N,...
-    (e.g. top=1), over --eval-batch-size. Batching changes the summation order of the matrix
-    products; where a region breaks the model (Top: perplexities of 1e7 and more) exp() of
-    the mean NLL amplifies that rounding ~30x (3e-5 relative on Gemma-3-270M), and batch 1
-    gives the plain lm_eval run's values bit for bit."""
+    (e.g. top=1; base=N: the Base column), over --eval-batch-size. Batching changes the
+    summation order of the matrix products; where a region breaks the model (Top:
+    perplexities of 1e7 and more) exp() of the mean NLL amplifies that rounding ~30x (3e-5
+    relative on Gemma-3-270M), and a ratio to Base of a region that barely moves it (Bottom:
+    ppl/Base - 1 ~ 1e-5) keeps only a digit or two of it; batch 1 gives the plain lm_eval
+    run's values bit for bit."""
     model_args: dict[str, Any] = field(default_factory=dict)
     """Extra hf model_args, KEY=VALUE,... (e.g. add_bos_token=False, max_length=512)."""
     include_path: str | None = None
@@ -117,9 +119,9 @@ class LmEvalConfig:
             raise RegionsError(f"--eval-batch-size '{bs}' must be a positive integer or auto")
         self.method_batch_size = key_values(self.method_batch_size, what="method_batch_size")
         for m, n in self.method_batch_size.items():
-            if m not in METHODS:
-                raise RegionsError(f"--method-batch-size: '{m}' is not one of {METHODS}."
-                                   + did_you_mean(m, METHODS))
+            if m not in COLUMNS:
+                raise RegionsError(f"--method-batch-size: '{m}' is not one of {COLUMNS}."
+                                   + did_you_mean(m, COLUMNS))
             if isinstance(n, bool) or not isinstance(n, int) or n < 1:
                 raise RegionsError(f"--method-batch-size {m}={n!r}: the batch size must be a "
                                    "positive integer")
@@ -139,10 +141,11 @@ class LmEvalConfig:
                 raise RegionsError(f"gen_kwargs '{self.gen_kwargs}': {bad} is not key=value "
                                    "(e.g. max_gen_toks=64,temperature=0)")
 
-    def batch_size(self, method: str | None = None) -> int | str:
-        """lm-eval's batch size of a column made by ``method`` (None: any other column)."""
-        if method in self.method_batch_size:
-            return int(self.method_batch_size[method])
+    def batch_size(self, column: str | None = None) -> int | str:
+        """lm-eval's batch size of a column: made by selection method ``column``, ``base``
+        (no region), or None (any other column: a given region or entry spec)."""
+        if column in self.method_batch_size:
+            return int(self.method_batch_size[column])
         bs = str(self.eval_batch_size)
         return bs if bs == "auto" else int(bs)
 
@@ -180,6 +183,18 @@ class Condition:
         if self.ratio is not None:
             self.ratio = check_ratio(self.ratio)
         self.intervention = str(Intervention.parse(self.intervention))
+
+
+COLUMNS = (*METHODS, "base")
+"""Columns whose lm-eval batch size can be set apart (--method-batch-size)."""
+
+
+def column_kind(c: "Condition") -> str | None:
+    """The :data:`COLUMNS` entry of a condition: its selection method, ``base`` for the
+    column without a region, None for a given region or entry spec."""
+    if c.method is not None:
+        return c.method
+    return "base" if c.region is None else None
 
 
 def ratio_label(ratio: float) -> str:
@@ -404,7 +419,7 @@ class GridSession:
         """What a condition's result depends on, as one string (for ``resume``)."""
         return _condition_key(c, self.path, tasks, self.options.limit,
                               {**self.args, **self.meta, **self.run_kwargs,
-                               "batch_size": self.options.batch_size(c.method)})
+                               "batch_size": self.options.batch_size(column_kind(c))})
 
     def _tasks(self, tasks: list[str]) -> list[Any]:
         """The built task objects of ``tasks`` (each built once per session)."""
@@ -450,7 +465,7 @@ class GridSession:
         evaluator.add_env_info = self._env_info  # the same report, one subprocess run
         # lm-eval reads an LM object's batch size from it (simple_evaluate's batch_size is only
         # recorded in the results): set for this condition, put back after
-        batch_size, default = self.options.batch_size(c.method), lm.batch_size_per_gpu
+        batch_size, default = self.options.batch_size(column_kind(c)), lm.batch_size_per_gpu
         lm.batch_size_per_gpu = batch_size
         try:
             res = lm_eval.simple_evaluate(model=lm, tasks=objs, task_manager=self._manager,

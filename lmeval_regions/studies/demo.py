@@ -91,11 +91,14 @@ class DemoConfig:
     to ~1e-6 relative, except perplexities of 1e7 and more (Top regions), whose exp() amplifies
     the same rounding to ~3e-5 (docs/speed.md); 1 reproduces plain per-condition lm_eval runs
     bit for bit."""
-    top_batch_size: int = 1
-    """lm-eval batch size of Table 1's Top columns (--method-batch-size top=N of `table`). 1,
-    whatever --eval-batch-size: those regions break the model (perplexities 1e7-1e10), and
-    exp() of the mean NLL amplifies batch rounding to ~3e-5 relative; at 1 they are the plain
-    lm_eval run's values bit for bit, for ~6 % more Table-1 time (docs/speed.md)."""
+    table1_batch_size: int | None = None
+    """lm-eval batch size of every Table 1 column (Base, Top, Bottom, Random; `table
+    --method-batch-size base=N,top=N,...`); the monolingual table's region columns run at
+    --eval-batch-size. Default: 1, the values of plain per-condition lm_eval runs bit for bit,
+    as Table 1 reports every number against them (batched, a Top region's perplexities of
+    1e7-1e10 move ~3e-5 relative, exp() amplifying the rounding, and a Bottom region's
+    increase over Base, ~1e-5, keeps only a digit or two), for ~15 % more Table-1 time
+    (docs/speed.md); under --quick, whose promise is the verdicts, --eval-batch-size."""
     quick: bool = False
     """A smaller run (3-5 minutes on 2 cores; the same Table-1 verdicts on Gemma-3-270M):
     --units 4, --max-length 128, --eval-limit 2 and the monolingual table on the six
@@ -113,8 +116,10 @@ class DemoConfig:
                 raise RegionsError(f"--methods: '{m}' is not one of {METHODS}")
         for r in (*self.ratios, self.mono_ratio):
             check_ratio(r)
+        if self.table1_batch_size is None:
+            self.table1_batch_size = self.eval_batch_size if self.quick else 1
         for flag, v in (("--eval-batch-size", self.eval_batch_size),
-                        ("--top-batch-size", self.top_batch_size)):
+                        ("--table1-batch-size", self.table1_batch_size)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise RegionsError(f"{flag} {v!r} must be an integer >= 1")
         if self.quick:
@@ -333,8 +338,11 @@ def _plots(table1, mono_table, core_top: Path, out: Path, model_name: str,
 
 
 def _method_batch(demo: DemoConfig) -> dict[str, int]:
-    """lm-eval batch sizes of Table 1's columns that differ from --eval-batch-size."""
-    return {"top": demo.top_batch_size} if demo.top_batch_size != demo.eval_batch_size else {}
+    """lm-eval batch sizes of Table 1's columns (its methods and Base) where they differ from
+    --eval-batch-size. Base is also the monolingual table's (reused from Table 1)."""
+    if demo.table1_batch_size == demo.eval_batch_size:
+        return {}
+    return {c: demo.table1_batch_size for c in (*demo.methods, "base")}
 
 
 def _commands(model: ModelConfig, corpus: CorpusConfig, config: ImportanceConfig,
@@ -376,14 +384,17 @@ def _commands(model: ModelConfig, corpus: CorpusConfig, config: ImportanceConfig
                          f"region={q(str(reg))} --include_path \"$TASKS\" --tasks "
                          f"{table1_tasks}{lim}{b}")
     lines.append(f"lm_eval --model hf-regions --model_args {base_args} "
-                 f"--include_path \"$TASKS\" --tasks {table1_tasks}{lim}{bs}   # Base")
+                 f"--include_path \"$TASKS\" --tasks {table1_tasks}{lim}"
+                 f"{batch(_method_batch(demo).get('base', demo.eval_batch_size))}   # Base")
     lines.append("# the whole grid in one command:")
     lines.append(f"lmeval-regions table --model \"$MODEL\" --importance "
                  f"{q(str(imp / 'core.safetensors'))} --methods {','.join(demo.methods)} "
                  f"--ratios {','.join(f'{r:g}' for r in demo.ratios)} --seed {demo.seed} "
                  f"--tasks {table1_tasks}{lim} --model-args add_bos_token=False "
                  f"--eval-batch-size {demo.eval_batch_size}"
-                 + "".join(f" --method-batch-size {m}={n}" for m, n in _method_batch(demo).items())
+                 + (" --method-batch-size " + ",".join(f"{m}={n}" for m, n in
+                                                        _method_batch(demo).items())
+                    if _method_batch(demo) else "")
                  + f" --out {q(str(out / 'table1'))}")
     lines += ["", "# 3. monolingual regions (Eq. 5) and their removal"]
     lines.append("lmeval-regions monolingual --importance "
