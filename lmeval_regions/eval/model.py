@@ -168,8 +168,8 @@ class HFRegionsLM(HFLM):
         super().__init__(pretrained=pretrained, **kwargs)
         if keep and str(self.device).startswith("cpu") and keep_freed_memory():
             # (before the first batch's logits)
-            log.info("hf-regions: freed memory is kept for reuse on the CPU "
-                     "(keep_host_memory=false gives it back to the system)")
+            log.debug("hf-regions: freed memory is kept for reuse on the CPU "
+                      "(keep_host_memory=false gives it back to the system)")
         self._region_log: list[dict[str, Any]] = []
         self._neuron_log: dict[str, Any] | None = None
         self._neuron_hooks = None
