@@ -105,19 +105,40 @@ def _compiled():
         return m, acc, below
 
     @numba.njit(nogil=True, cache=True)
+    def keep_window(pos, keys, lo, hi, k1, a1, b1, k2, a2, b2, out):
+        # The entries with lo <= key <= hi, where of the entries at key k1 (k2) only the
+        # a1-th to (b1-1)-th in position order are kept: their positions into out, in order
+        # (out may be pos itself: o <= i, each entry is read before it is written); returns
+        # how many. No branch per entry (mid-distribution the cases alternate unpredictably):
+        # every entry is written at o, and o only advances past a kept one.
+        n_out = out.size
+        o = 0
+        r1 = 0
+        r2 = 0
+        for i in range(keys.size):
+            key = np.int64(keys[i])
+            at1 = np.int64(key == k1)
+            at2 = np.int64(key == k2)
+            keep = np.int64(key >= lo) & np.int64(key <= hi) \
+                & ((1 - at1) | (np.int64(r1 >= a1) & np.int64(r1 < b1))) \
+                & ((1 - at2) | (np.int64(r2 >= a2) & np.int64(r2 < b2)))
+            if o < n_out:  # (taken until out is full: predictable)
+                out[o] = pos[i]
+            o += keep
+            r1 += at1
+            r2 += at2
+        return o
+
+    @numba.njit(nogil=True, cache=True)
     def window(pos, keys, lo, nbins, wa, wb, descending, out):
         # The band (pos ascending, keys[i] - lo in [0, nbins)) ranked by key (descending or
         # ascending), ties by position: ranks [wa, wb) into out, in position order. A
         # histogram of the keys gives the keys at both ends (and how many of their ties are
-        # in); one pass in position order takes them.
-        # Both loops avoid what made a band mid-distribution cost 1.5x a band at the top:
-        # the histogram is kept in four interleaved copies (few distinct keys there, so one
-        # copy chains each increment on the previous one), and the pass has no branch per
-        # entry (the three cases alternate unpredictably): every entry is written at o, and
-        # o only advances past a kept one.
-        m = keys.size
+        # in); one pass in position order (keep_window) takes them. The histogram is kept in
+        # four interleaved copies: mid-distribution a band holds few distinct keys, and one
+        # copy would chain each increment on the previous one.
         hist4 = np.zeros((4, nbins), dtype=np.int64)
-        for i in range(m):
+        for i in range(keys.size):
             hist4[i & 3, np.int64(keys[i]) - lo] += 1
         hist = hist4[0] + hist4[1] + hist4[2] + hist4[3]
         before = 0
@@ -134,49 +155,11 @@ def _compiled():
                 last, take = b, wb - before
                 break
             before += c
-        split = np.int64(first != last)
-        n_out = out.size
-        o = 0
-        seen_first = 0
-        seen_last = 0
-        for i in range(m):
-            b = np.int64(keys[i]) - lo
-            at_first = np.int64(b == first)
-            at_last = np.int64(b == last) & split
-            if descending:
-                inside = np.int64(b < first) & np.int64(b > last)
-            else:
-                inside = np.int64(b > first) & np.int64(b < last)
-            keep = inside | (at_first & np.int64(seen_first >= skip)
-                             & (split | np.int64(seen_first < take))) \
-                | (at_last & np.int64(seen_last < take))
-            if o < n_out:  # (taken until the window is full: predictable)
-                out[o] = pos[i]
-            o += keep
-            seen_first += at_first
-            seen_last += at_last
-        return o
-
-    @numba.njit(nogil=True, cache=True)
-    def keep_window(pos, keys, lo, hi, k1, a1, b1, k2, a2, b2):
-        # Compacts pos in place to the entries with lo <= key <= hi, where of the entries at
-        # key k1 (k2) only the a1-th to (b1-1)-th in position order are kept; returns how
-        # many. Branch-free, as window's pass (o <= i: each entry is read before written).
-        o = 0
-        r1 = 0
-        r2 = 0
-        for i in range(keys.size):
-            key = np.int64(keys[i])
-            at1 = np.int64(key == k1)
-            at2 = np.int64(key == k2)
-            keep = np.int64(key >= lo) & np.int64(key <= hi) \
-                & ((1 - at1) | (np.int64(r1 >= a1) & np.int64(r1 < b1))) \
-                & ((1 - at2) | (np.int64(r2 >= a2) & np.int64(r2 < b2)))
-            pos[o] = pos[i]
-            o += keep
-            r1 += at1
-            r2 += at2
-        return o
+        kf, kl = first + lo, last + lo
+        if first == last:  # one key: its tied entries skip..take-1
+            return keep_window(pos, keys, kf, kf, kf, skip, take, -1, 0, 0, out)
+        low, high = (kl, kf) if descending else (kf, kl)
+        return keep_window(pos, keys, low, high, kf, skip, 1 << 62, kl, 0, take, out)
 
     _JIT.update(band=band, window=window, keep_window=keep_window)
     return _JIT
@@ -262,7 +245,8 @@ def keep_window(positions: np.ndarray, keys: np.ndarray, lo: int, hi: int,
     spec = [(int(k), int(a), int(min(b, 2**62))) for k, a, b in ties]
     spec += [(hi + 1, 0, 0)] * (2 - len(spec))  # a key no entry in range has
     (k1, a1, b1), (k2, a2, b2) = spec
-    m = _compiled()["keep_window"](positions, keys, int(lo), int(hi), k1, a1, b1, k2, a2, b2)
+    m = _compiled()["keep_window"](positions, keys, int(lo), int(hi), k1, a1, b1, k2, a2, b2,
+                                   positions)
     return positions[:m]
 
 

@@ -357,6 +357,7 @@ def _commands(model: ModelConfig, corpus: CorpusConfig, config: ImportanceConfig
         return f" --batch_size {n}" if n != 1 else ""
 
     bs = batch(demo.eval_batch_size)
+    per_column = _method_batch(demo)  # Table 1's columns that differ from bs
     flags = (f"--units {corpus.units} --skip {corpus.skip} --max-length {corpus.max_length} "
              f"--batch-size {corpus.batch_size} --criteria {','.join(config.criteria)} "
              f"--dtype {model.dtype}")
@@ -379,13 +380,13 @@ def _commands(model: ModelConfig, corpus: CorpusConfig, config: ImportanceConfig
             reg = out / "table1" / "regions" / f"{m}_{r:g}_matrix_split_s{demo.seed}.safetensors"
             lines.append(f"lmeval-regions extract --importance {q(str(imp / 'core.safetensors'))} "
                          f"--method {m} --ratio {r:g} --seed {demo.seed} --out {q(str(reg))}")
-            b = batch(_method_batch(demo).get(m, demo.eval_batch_size))
+            b = batch(per_column.get(m, demo.eval_batch_size))
             lines.append(f"lm_eval --model hf-regions --model_args {base_args},"
                          f"region={q(str(reg))} --include_path \"$TASKS\" --tasks "
                          f"{table1_tasks}{lim}{b}")
     lines.append(f"lm_eval --model hf-regions --model_args {base_args} "
                  f"--include_path \"$TASKS\" --tasks {table1_tasks}{lim}"
-                 f"{batch(_method_batch(demo).get('base', demo.eval_batch_size))}   # Base")
+                 f"{batch(per_column.get('base', demo.eval_batch_size))}   # Base")
     lines.append("# the whole grid in one command:")
     lines.append(f"lmeval-regions table --model \"$MODEL\" --importance "
                  f"{q(str(imp / 'core.safetensors'))} --methods {','.join(demo.methods)} "
@@ -393,8 +394,8 @@ def _commands(model: ModelConfig, corpus: CorpusConfig, config: ImportanceConfig
                  f"--tasks {table1_tasks}{lim} --model-args add_bos_token=False "
                  f"--eval-batch-size {demo.eval_batch_size}"
                  + (" --method-batch-size " + ",".join(f"{m}={n}" for m, n in
-                                                        _method_batch(demo).items())
-                    if _method_batch(demo) else "")
+                                                        per_column.items())
+                    if per_column else "")
                  + f" --out {q(str(out / 'table1'))}")
     lines += ["", "# 3. monolingual regions (Eq. 5) and their removal"]
     lines.append("lmeval-regions monolingual --importance "
